@@ -1,0 +1,103 @@
+# Data stage: base model, preference pairs, noisy copies, benchmark prompts, probe texts.
+
+
+rule prepare_model:
+    output:
+        model=directory("results/models/base"),
+    params:
+        name_or_path=shlex.quote(config["model"]["name_or_path"]),
+    log:
+        "results/logs/prepare_model.log",
+    benchmark:
+        "results/benchmarks/prepare_model.tsv"
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.prepare_model --name-or-path {params.name_or_path} --output {output.model} > {log} 2>&1"
+
+
+rule prepare_preferences:
+    output:
+        train="results/data/preferences/train.jsonl",
+        heldout="results/data/preferences/heldout.jsonl",
+        summary="results/data/preferences/summary.json",
+    params:
+        source=as_json(config["preferences"]["source"]),
+        fmt=config["preferences"]["format"],
+        n_train=config["preferences"]["n_train"],
+        n_heldout=config["preferences"]["n_heldout"],
+        seed=config["preferences"]["seed"],
+    log:
+        "results/logs/prepare_preferences.log",
+    benchmark:
+        "results/benchmarks/prepare_preferences.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.prepare_preferences --source-json {params.source} --format {params.fmt}"
+        " --n-train {params.n_train} --n-heldout {params.n_heldout} --seed {params.seed}"
+        " --train {output.train} --heldout {output.heldout} --summary {output.summary} > {log} 2>&1"
+
+
+rule inject_noise:
+    input:
+        pairs=rules.prepare_preferences.output.train,
+    output:
+        pairs="results/data/noisy/noise{noise}/seed{seed}.jsonl",
+        summary="results/data/noisy/noise{noise}/seed{seed}.json",
+    params:
+        rate=lambda wc: NOISE_RATE[wc.noise],
+        seed=lambda wc: config["noise"]["seed"] + int(wc.seed),
+    log:
+        "results/logs/inject_noise/noise{noise}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/inject_noise/noise{noise}_seed{seed}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.inject_noise --input {input.pairs} --rate {params.rate} --seed {params.seed}"
+        " --output {output.pairs} --summary {output.summary} > {log} 2>&1"
+
+
+rule prepare_benchmark:
+    output:
+        all="results/data/benchmarks/{benchmark}/all.jsonl",
+        sample="results/data/benchmarks/{benchmark}/sample.jsonl",
+    params:
+        spec=lambda wc: as_json(config["benchmarks"][wc.benchmark]),
+        n=config["evaluation"]["n_prompts"],
+        seed=config["evaluation"]["seed"],
+    log:
+        "results/logs/prepare_benchmark/{benchmark}.log",
+    benchmark:
+        "results/benchmarks/prepare_benchmark/{benchmark}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.prepare_benchmark --name {wildcards.benchmark} --spec-json {params.spec}"
+        " --n-sample {params.n} --seed {params.seed} --all {output.all} --sample {output.sample} > {log} 2>&1"
+
+
+rule probe_data:
+    input:
+        excluded=[
+            *expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
+            rules.prepare_preferences.output.heldout,
+        ],
+    output:
+        data="results/probe/data.jsonl",
+        report="results/probe/decontamination.tsv",
+    params:
+        spec=as_json(config["probe"]["data"]),
+        exclude=exclusion_args,
+    log:
+        "results/logs/probe_data.log",
+    benchmark:
+        "results/benchmarks/probe_data.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.probe_data --spec-json {params.spec} {params.exclude}"
+        " --output {output.data} --report {output.report} > {log} 2>&1"

@@ -1,0 +1,55 @@
+# Subspace stage: probe on the frozen base model, then the neurons ShaPO perturbs.
+
+
+rule train_probe:
+    input:
+        model=rules.prepare_model.output.model,
+        data=rules.probe_data.output.data,
+        benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
+    output:
+        direction="results/probe/direction.safetensors",
+        metrics="results/probe/metrics.json",
+    params:
+        layer=config["probe"]["layer"],
+        test_fraction=config["probe"]["test_fraction"],
+        seed=config["probe"]["seed"],
+        benchmarks=lambda wc, input: " ".join(
+            f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(ALL_BENCHMARKS, input.benchmarks)
+        ),
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        "results/logs/train_probe.log",
+    benchmark:
+        "results/benchmarks/train_probe.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.train_probe --model {input.model} --data {input.data} {params.benchmarks}"
+        " --layer {params.layer} --test-fraction {params.test_fraction} --seed {params.seed} --threads {threads}"
+        " --direction {output.direction} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule select_subspace:
+    input:
+        model=rules.prepare_model.output.model,
+        direction=rules.train_probe.output.direction,
+    output:
+        neurons="results/subspace/neurons.safetensors",
+        summary="results/subspace/summary.tsv",
+    params:
+        percent=config["subspace"]["percent"],
+        rank=config["subspace"]["rank"],
+    resources:
+        mem_mb=4000,
+    log:
+        "results/logs/select_subspace.log",
+    benchmark:
+        "results/benchmarks/select_subspace.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.select_subspace --model {input.model} --direction {input.direction}"
+        " --percent {params.percent} --rank {params.rank}"
+        " --neurons {output.neurons} --summary {output.summary} > {log} 2>&1"

@@ -1,0 +1,57 @@
+# Training stage: reference log-probs once, then one policy per method x noise rate x seed.
+
+TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size")
+
+
+rule reference_logps:
+    input:
+        model=rules.prepare_model.output.model,
+        pairs=rules.prepare_preferences.output.train,
+    output:
+        logps="results/data/preferences/reference_logps.jsonl",
+    params:
+        # only the settings that change the scores, so an lr change does not rerun this
+        settings=as_json(
+            {k: config["training"][k] for k in TRAINING_KEYS} | {"prompt_format": config["model"]["prompt_format"]}
+        ),
+    threads: 2
+    resources:
+        mem_mb=6000,
+    log:
+        "results/logs/reference_logps.log",
+    benchmark:
+        "results/benchmarks/reference_logps.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.reference_logps --model {input.model} --pairs {input.pairs}"
+        " --training-json {params.settings} --threads {threads} --output {output.logps} > {log} 2>&1"
+
+
+rule train_policy:
+    input:
+        model=rules.prepare_model.output.model,
+        pairs=rules.inject_noise.output.pairs,
+        reference=rules.reference_logps.output.logps,
+        # only sharpness-aware methods read the subspace, so changing it does not retrain DPO
+        subspace=lambda wc: rules.select_subspace.output.neurons if config["presets"][wc.method].get("sharpness") else [],
+    output:
+        policy=directory("results/policies/{method}/noise{noise}/seed{seed}"),
+        log="results/policies/{method}/noise{noise}/seed{seed}.train_log.tsv",
+    params:
+        subspace=lambda wc, input: f"--subspace {input.subspace}" if input.subspace else "",
+        method=lambda wc: as_json(config["presets"][wc.method]),
+        settings=as_json(config["training"] | {"prompt_format": config["model"]["prompt_format"]}),
+    threads: 2
+    resources:
+        mem_mb=8000,
+    log:
+        "results/logs/train_policy/{method}_noise{noise}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train_policy/{method}_noise{noise}_seed{seed}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.train_policy --model {input.model} --pairs {input.pairs} --reference {input.reference}"
+        " {params.subspace} --method-json {params.method} --training-json {params.settings}"
+        " --seed {wildcards.seed} --threads {threads} --output {output.policy} --log {output.log} > {log} 2>&1"

@@ -1,0 +1,106 @@
+"""Training-loop tests on the tiny random Llama (CPU, seconds)."""
+import pytest
+import torch
+
+from workflow.models import load_model, load_tokenizer, mlp_output_projections
+from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.reference_logps import score_pairs
+from workflow.sharpness import SelectedNeurons
+from workflow.train_policy import NonFiniteLoss, attach_reference, train
+
+SETTINGS = {"batch_size": 2, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
+            "max_prompt_length": 24}
+DPO = {"loss": "dpo", "beta": 0.1}
+
+
+def records(n=4):
+    return [{"pair_id": f"p{i}", "messages": [{"role": "user", "content": f"How do I do thing {i}?"}],
+             "chosen": "I can't help with that.", "rejected": f"Sure, step {i}: do it.", "flipped": i % 2 == 1}
+            for i in range(n)]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def test_sequence_logps_sums_answer_token_logprobs(tiny):
+    model, tok = tiny
+    enc = [encode_response_pair(tok, r, 48, 24) for r in records(2)]
+    batch = collate_pairs(enc, tok.pad_token_id)
+    got = sequence_logps(model, batch)
+    # reference computation, one sequence at a time without padding
+    for i, e in enumerate(enc + enc):
+        side = "chosen" if i < 2 else "rejected"
+        ids = torch.tensor([e["prompt"] + e[side]])
+        logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        n_prompt = len(e["prompt"])
+        want = sum(logp[t - 1, ids[0, t]] for t in range(n_prompt, ids.shape[1]))
+        assert torch.allclose(got[i], want, atol=1e-4)
+
+
+def test_encoding_truncates_prompt_from_the_left_and_keeps_eos(tiny):
+    _, tok = tiny
+    long = {"messages": [{"role": "user", "content": "word " * 100}], "chosen": "yes " * 100, "rejected": "no"}
+    e = encode_response_pair(tok, long, max_length=40, max_prompt_length=16)
+    assert len(e["prompt"]) == 16 and e["truncated"]
+    assert len(e["prompt"]) + len(e["chosen"]) == 40
+    assert e["rejected"][-1] == tok.eos_token_id
+
+
+def with_reference(model, tok, recs):
+    attach_reference(recs, score_pairs(model, tok, recs, SETTINGS), "reference")
+    return recs
+
+
+def test_dpo_training_logs_clean_and_flipped_accuracy(tiny):
+    model, tok = tiny
+    log = train(model, tok, with_reference(model, tok, records()), DPO, SETTINGS, seed=0)
+    assert len(log) == 2
+    assert all(r["n_clean"] + r["n_flipped"] == 2 for r in log)
+    assert not any(r["sharpness_step"] for r in log)
+    assert abs(log[0]["loss"] - 0.6931) < 1e-3  # policy == reference at step 1
+
+
+def test_shapo_step_uses_gradients_at_the_perturbed_point(tiny_model_dir):
+    recs = records()
+
+    def run(method):
+        torch.manual_seed(0)
+        model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+        layers = mlp_output_projections(model)
+        selected = [SelectedNeurons(l.weight, torch.tensor([0, 3]), l.axis) for l in layers]
+        log = train(model, tok, with_reference(model, tok, [dict(r) for r in recs]), method, SETTINGS, 0, selected)
+        return model, log
+
+    plain, _ = run(DPO)
+    big = {**DPO, "sharpness": {"interval": 1, "gamma_min": 50.0, "gamma_max": 50.0}}
+    sharp, log = run(big)
+    assert all(r["sharpness_step"] and r["gamma"] == 50.0 for r in log)
+    assert log[0]["loss_perturbed"] != log[0]["loss"]
+    # the optimizer stepped from the unperturbed weights, but with different gradients
+    diff = [not torch.equal(a, b) for a, b in zip(plain.parameters(), sharp.parameters())]
+    assert any(diff)
+    every_other = {**DPO, "sharpness": {"interval": 2, "gamma_min": 1e-6, "gamma_max": 2e-6}}
+    _, log = run(every_other)
+    assert [r["sharpness_step"] for r in log] == [False, True]
+
+
+def test_non_finite_loss_names_step_and_pairs(tiny):
+    model, tok = tiny
+    recs = with_reference(model, tok, records())
+    recs[0]["ref_chosen"] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"at step 1, pairs: p\d, p\d"):
+        train(model, tok, recs, DPO, SETTINGS, seed=0)
+
+
+def test_reference_is_looked_up_by_answer_text_so_flips_need_no_flag(tiny):
+    model, tok = tiny
+    recs = records(2)
+    reference = score_pairs(model, tok, recs, SETTINGS)
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in recs]
+    attach_reference(flipped, reference, "reference")
+    assert flipped[0]["ref_chosen"] == reference[0]["logps"][text_key(recs[0]["rejected"])]
+    with pytest.raises(ValueError, match="no reference log-probs for pair 'p0'"):
+        attach_reference([{**recs[0], "chosen": "something else"}], reference, "reference.jsonl")

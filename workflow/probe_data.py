@@ -1,0 +1,110 @@
+"""Build the probe's unsafe-vs-safe text set, de-duplicated against every evaluation prompt.
+
+    python -m workflow.probe_data --spec-json '{"unsafe": {"path": ...}, "safe": {"path": ...}, "text_column": "instruction", "n_per_class": 256, "seed": 0}' \
+        --exclude harmbench=results/data/benchmarks/harmbench/all.jsonl --exclude donotanswer=... \
+        --output results/probe/data.jsonl --report results/probe/decontamination.tsv
+
+Subspace selection must be decided on data disjoint from the evaluation, and the default
+source (refusal-direction instructions) shares prompts with AdvBench and HarmBench, so any
+text whose normalised form equals an evaluation prompt is removed and the count reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import unicodedata
+
+import pandas as pd
+
+from workflow.files import read_jsonl, write_jsonl, write_tsv
+from workflow.sources import SourceError, load_rows, require_columns
+
+UNSAFE, SAFE = 1, 0
+
+
+def normalise(text: str) -> str:
+    """Case-, accent-, punctuation- and whitespace-insensitive form used to detect overlap."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+def find_overlap(texts: list[str], excluded: dict[str, list[str]]) -> dict[str, set[str]]:
+    """For each excluded set, the normalised texts of ``texts`` that it also contains."""
+    norm = {normalise(t) for t in texts}
+    return {name: norm & {normalise(p) for p in prompts} for name, prompts in excluded.items()}
+
+
+def decontaminate(texts: list[str], excluded: dict[str, list[str]]) -> tuple[list[str], dict[str, int]]:
+    """``texts`` minus every text that matches an excluded prompt, and the count removed per set.
+
+    A text matching several sets is counted under each.
+    """
+    banned = {name: {normalise(p) for p in prompts} for name, prompts in excluded.items()}
+    removed = {name: 0 for name in excluded}
+    kept = []
+    for t in texts:
+        hits = [name for name, b in banned.items() if normalise(t) in b]
+        for name in hits:
+            removed[name] += 1
+        if not hits:
+            kept.append(t)
+    return kept, removed
+
+
+def assert_disjoint(texts: list[str], excluded: dict[str, list[str]], what: str) -> None:
+    """Fail loudly if any text still overlaps an evaluation set."""
+    for name, hits in find_overlap(texts, excluded).items():
+        if hits:
+            raise SourceError(f"{what} overlaps benchmark {name!r} in {len(hits)} prompt(s), e.g. {sorted(hits)[0]!r}")
+
+
+def load_texts(source: dict, column: str, what: str) -> list[str]:
+    rows = load_rows(source, what=what)
+    require_columns(rows, [column], what)
+    texts = [str(r[column]).strip() for r in rows if str(r[column]).strip()]
+    return list(dict.fromkeys(texts))  # exact duplicates within a class carry no information
+
+
+def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int) -> list[dict]:
+    """Balanced, seeded sample: ``min(n_per_class, |unsafe|, |safe|)`` texts per class."""
+    n = min(n_per_class, len(unsafe), len(safe))
+    rng = random.Random(seed)
+    rows = [{"text": t, "label": UNSAFE} for t in rng.sample(unsafe, n)]
+    rows += [{"text": t, "label": SAFE} for t in rng.sample(safe, n)]
+    rng.shuffle(rows)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec-json", required=True, help="the config's probe.data entry as JSON")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME=FILE",
+                   help="an evaluation prompt file (jsonl with 'prompt') to de-duplicate against; repeatable")
+    p.add_argument("--output", required=True)
+    p.add_argument("--report", required=True)
+    a = p.parse_args(argv)
+
+    spec = json.loads(a.spec_json)
+    excluded = {}
+    for item in a.exclude:
+        name, _, path = item.partition("=")
+        excluded[name] = [r["prompt"] for r in read_jsonl(path)]
+    report = []
+    classes = {}
+    for label in ("unsafe", "safe"):
+        texts = load_texts(spec[label], spec["text_column"], f"probe.data.{label}")
+        kept, removed = decontaminate(texts, excluded)
+        assert_disjoint(kept, excluded, f"probe.data.{label}")
+        classes[label] = kept
+        report += [{"class": label, "benchmark": b, "removed": n, "read": len(texts), "kept": len(kept)}
+                   for b, n in removed.items()]
+    rows = build_probe_set(classes["unsafe"], classes["safe"], spec["n_per_class"], spec["seed"])
+    write_jsonl(a.output, rows)
+    write_tsv(a.report, pd.DataFrame(report, columns=["class", "benchmark", "removed", "read", "kept"]))
+    print(json.dumps({"probe_texts": len(rows), "removed": report}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Score every training answer once under the frozen reference (base) model.
+
+    python -m workflow.reference_logps --model results/models/base --pairs results/data/preferences/train.jsonl \
+        --training-json '{"max_length": 128, "max_prompt_length": 64, "batch_size": 4}' \
+        --output results/data/preferences/reference_logps.jsonl
+
+Flipping a pair only swaps its two answers, so one pass over the clean set serves every noise
+rate, seed and method. Log-probs are keyed by pair id and answer text (``pairs.text_key``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from workflow.files import read_jsonl, write_jsonl
+from workflow.models import load_model, load_tokenizer
+from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, records: list[dict], settings: dict) -> list[dict]:
+    out = []
+    bs = settings["batch_size"]
+    for i in range(0, len(records), bs):
+        chunk = records[i:i + bs]
+        enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
+                                    settings.get("prompt_format", "auto")) for r in chunk]
+        logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).tolist()
+        for j, r in enumerate(chunk):
+            out.append({"pair_id": r["pair_id"], "truncated": enc[j]["truncated"],
+                        "logps": {text_key(r["chosen"]): logps[j], text_key(r["rejected"]): logps[len(chunk) + j]}})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--training-json", required=True, help="the config's training section as JSON")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--output", required=True)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    model = load_model(a.model).eval()
+    rows = score_pairs(model, load_tokenizer(a.model), read_jsonl(a.pairs), json.loads(a.training_json))
+    write_jsonl(a.output, rows)
+    print(json.dumps({"pairs": len(rows), "truncated": sum(r["truncated"] for r in rows)}))
+
+
+if __name__ == "__main__":
+    main()

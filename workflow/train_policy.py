@@ -1,0 +1,192 @@
+"""Preference-train a policy with DPO or token-level ShaPO on a (noisy) preference set.
+
+    python -m workflow.train_policy --model results/models/base --pairs results/data/noisy/noise0.40/seed0.jsonl \
+        --reference results/data/preferences/reference_logps.jsonl --subspace results/subspace/neurons.safetensors \
+        --method-json '{"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, "gamma_min": 2e-6, "gamma_max": 4e-6}}' \
+        --training-json '{"batch_size": 4, "epochs": 1, "lr": 5e-6, ...}' --seed 0 \
+        --output results/policies/shapo/noise0.40/seed0 --log results/policies/shapo/noise0.40/seed0.tsv
+
+Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gradients at θ,
+the selected neurons moved uphill (W += γ·g, γ ~ U[γ_min, γ_max]), loss and gradients again at
+that point, weights restored exactly, and the optimizer step taken with the second gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, safe_open
+
+from workflow.files import read_jsonl, write_json, write_tsv
+from workflow.losses import LOSSES, dpo_logits
+from workflow.models import load_model, load_tokenizer, mlp_output_projections
+from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def load_selected_neurons(model, path: str) -> list[SelectedNeurons]:
+    """The subspace chosen by ``select_subspace``, bound to this model's weights."""
+    with safe_open(path, "pt") as f:
+        names = json.loads(f.metadata()["names"])
+    tensors = load_file(path)
+    layers = {l.name: l for l in mlp_output_projections(model)}
+    selected = []
+    for i, name in enumerate(names):
+        if name not in layers:
+            raise ValueError(f"{path}: layer {name!r} is not in the model being trained")
+        index = tensors[f"layer{i}.index"]
+        if len(index):
+            selected.append(SelectedNeurons(layers[name].weight, index, layers[name].axis))
+    return selected
+
+
+def attach_reference(records: list[dict], reference_rows: list[dict], path: str) -> None:
+    """Add ``ref_chosen``/``ref_rejected`` to each record, looked up by pair id and answer text."""
+    by_id = {r["pair_id"]: r["logps"] for r in reference_rows}
+    for r in records:
+        logps = by_id.get(r["pair_id"], {})
+        try:
+            r["ref_chosen"], r["ref_rejected"] = logps[text_key(r["chosen"])], logps[text_key(r["rejected"])]
+        except KeyError:
+            raise ValueError(f"{path}: no reference log-probs for pair {r['pair_id']!r}; rerun reference_logps") from None
+
+
+def preference_loss(model, batch: dict, records: list[dict], method: dict):
+    """(mean loss, h [B]) for one batch under the method's loss."""
+    logps = sequence_logps(model, batch)
+    n = len(records)
+    h = dpo_logits(logps[:n], logps[n:], torch.tensor([r["ref_chosen"] for r in records]),
+                   torch.tensor([r["ref_rejected"] for r in records]))
+    loss = LOSSES[method["loss"]](h, method["beta"], method.get("label_smoothing", 0.0)).mean()
+    return loss, h.detach()
+
+
+def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
+    if not torch.isfinite(loss):
+        ids = ", ".join(r["pair_id"] for r in records)
+        raise NonFiniteLoss(f"non-finite {where} loss ({loss.item()}) at step {step}, pairs: {ids}")
+
+
+def make_optimizer(model, settings: dict, total_steps: int):
+    from transformers import get_scheduler
+
+    kind = settings.get("optimizer", "adamw")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":
+        opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings.get("weight_decay", 0.0),
+                                fused=all(p.device.type in ("cpu", "cuda") for p in params))
+    elif kind == "rmsprop":
+        opt = torch.optim.RMSprop(params, lr=settings["lr"])
+    else:
+        raise ValueError(f"training.optimizer: unknown optimizer {kind!r}; expected adamw or rmsprop")
+    warmup = int(math.ceil(settings.get("warmup_ratio", 0.0) * total_steps))
+    return opt, get_scheduler(settings.get("schedule", "linear"), opt, warmup, total_steps)
+
+
+def train(model, tokenizer, records, method, settings, seed, selected=None):
+    """Run the training loop; returns the per-step log as a list of dicts."""
+    rng = np.random.default_rng(seed)
+    gamma_rng = random.Random(seed)
+    sharp = method.get("sharpness")
+    if sharp and not selected:
+        raise ValueError("sharpness-aware training needs a non-empty subspace")
+    encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
+                                    settings.get("prompt_format", "auto")) for r in records]
+    bs = settings["batch_size"]
+    steps_per_epoch = math.ceil(len(records) / bs)
+    optimizer, scheduler = make_optimizer(model, settings, steps_per_epoch * settings["epochs"])
+    model.train()
+    log, step = [], 0
+    for epoch in range(settings["epochs"]):
+        order = rng.permutation(len(records))
+        for start in range(0, len(order), bs):
+            step += 1
+            t0 = time.perf_counter()
+            idx = order[start:start + bs]
+            recs = [records[i] for i in idx]
+            batch = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
+            loss, h = preference_loss(model, batch, recs, method)
+            check_finite(loss, step, recs, "training")
+            loss.backward()
+            row = {"step": step, "epoch": epoch, "loss": loss.item(), "loss_perturbed": float("nan"),
+                   "sharpness_step": False, "gamma": 0.0}
+            if sharp and step % sharp["interval"] == 0:
+                gamma = gamma_rng.uniform(sharp["gamma_min"], sharp["gamma_max"])
+                saved = perturb_selected(selected, gamma)
+                optimizer.zero_grad()
+                loss2, _ = preference_loss(model, batch, recs, method)
+                check_finite(loss2, step, recs, "perturbed")
+                loss2.backward()
+                restore_selected(selected, saved)
+                row.update(loss_perturbed=loss2.item(), sharpness_step=True, gamma=gamma)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.get("max_grad_norm", 1.0))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            flipped = torch.tensor([bool(r.get("flipped", False)) for r in recs])
+            correct = (h > 0).float()
+            row.update({
+                "margin": (method["beta"] * h).mean().item(),
+                "acc_clean": correct[~flipped].mean().item() if (~flipped).any() else float("nan"),
+                "acc_flipped": correct[flipped].mean().item() if flipped.any() else float("nan"),
+                "n_clean": int((~flipped).sum()), "n_flipped": int(flipped.sum()),
+                "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            })
+            log.append(row)
+            print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}), flush=True)
+    return log
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model folder (also the reference model)")
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--reference", required=True, help="reference log-probs from workflow.reference_logps")
+    p.add_argument("--subspace", help="neurons.safetensors from workflow.select_subspace (ShaPO methods)")
+    p.add_argument("--method-json", required=True, help="the method preset as JSON")
+    p.add_argument("--training-json", required=True, help="the config's training section as JSON")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--output", required=True, help="folder for the trained weights (safetensors)")
+    p.add_argument("--log", required=True, help="per-step training log (TSV)")
+    a = p.parse_args(argv)
+    method, settings = json.loads(a.method_json), json.loads(a.training_json)
+    if method["loss"] not in LOSSES:
+        raise ValueError(f"method loss {method['loss']!r} is unknown; expected one of {sorted(LOSSES)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+
+    records = read_jsonl(a.pairs)
+    attach_reference(records, read_jsonl(a.reference), a.reference)
+    model = load_model(a.model)
+    selected = load_selected_neurons(model, a.subspace) if method.get("sharpness") else None
+    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected)
+
+    out = Path(a.output)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    load_tokenizer(a.model).save_pretrained(tmp)
+    write_json(tmp / "training_config.json", {"method": method, "training": settings, "seed": a.seed,
+                                              "pairs": a.pairs, "base_model": a.model})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    write_tsv(a.log, pd.DataFrame(log))
+
+
+if __name__ == "__main__":
+    main()
