@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 
@@ -56,6 +57,19 @@ def _check_config(config):
 
 
 _check_config(config)
+
+# A run killed with SIGKILL leaves Snakemake's lock behind; clear it when its owner is dead
+# (same host), so rerunning the same command resumes. See workflow/locks.py.
+sys.path.insert(0, workflow.basedir)
+from workflow.locks import clear_stale_locks, record_owner  # noqa: E402
+
+for _lock in clear_stale_locks(".snakemake"):
+    logger.warning(f"removed stale lock {_lock} (its Snakemake process is gone)")
+
+
+onstart:
+    record_owner(".snakemake")
+
 
 # Jobs run `python -m workflow.<stage>`: the stage package is found through PYTHONPATH (so
 # --directory works) and, outside --use-conda, `python` is the interpreter running Snakemake.

@@ -6,6 +6,7 @@ rule prepare_model:
         model=directory("results/models/base"),
     params:
         name_or_path=shlex.quote(config["model"]["name_or_path"]),
+        remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
     log:
         "results/logs/prepare_model.log",
     benchmark:
@@ -15,7 +16,8 @@ rule prepare_model:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.prepare_model --name-or-path {params.name_or_path} --output {output.model} > {log} 2>&1"
+        "python -m workflow.prepare_model --name-or-path {params.name_or_path} {params.remote_code}"
+        " --output {output.model} > {log} 2>&1"
 
 
 rule prepare_preferences:

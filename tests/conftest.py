@@ -16,7 +16,11 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def build_tiny_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama with the embedded model's real tokenizer and chat template."""
+    """A randomly initialised 2-layer Llama with the embedded model's real tokenizer and chat template.
+
+    ``initializer_range=0.3`` (not the usual 0.02) so that greedy decoding yields varied words
+    rather than a run of newlines that decodes to an empty answer.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from workflow.models import embedded_gguf
@@ -27,7 +31,7 @@ def build_tiny_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.3)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -62,18 +66,23 @@ def tiny_config(model_dir: Path) -> dict:
 @pytest.fixture
 def workdir(tmp_path, tiny_model_dir) -> Path:
     """A fresh working directory holding a tiny config.yaml."""
-    with open(tmp_path / "config.yaml", "w") as f:
-        yaml.safe_dump(tiny_config(tiny_model_dir), f)
+    write_config(tmp_path, tiny_config(tiny_model_dir))
     return tmp_path
 
 
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The real workflow, run by this interpreter's Snakemake, with outputs under ``workdir``."""
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--profile", str(ROOT / "profiles/local"),
+            *args]
+
+
+SNAKEMAKE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real workflow with this interpreter's Snakemake, outputs under ``workdir``."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--profile", str(ROOT / "profiles/local"),
-           *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    proc = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, env=SNAKEMAKE_ENV,
+                          cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -86,8 +95,20 @@ def jobs_run(proc: subprocess.CompletedProcess) -> list[str]:
             if line.startswith(("rule ", "localrule ")) and line.rstrip().endswith(":")]
 
 
+def write_config(workdir: Path, config: dict) -> None:
+    with open(workdir / "config.yaml", "w") as f:
+        yaml.safe_dump(config, f)
+
+
 @pytest.fixture(scope="session")
-def have_snakemake() -> None:
-    if shutil.which("snakemake") is None and subprocess.run([sys.executable, "-m", "snakemake", "--version"],
-                                                            capture_output=True).returncode != 0:
-        pytest.fail("snakemake is not installed; run ./install.sh")
+def reference_run(tmp_path_factory, tiny_model_dir):
+    """One complete, uninterrupted run of the tiny workflow. Tests must not modify it: copy it first."""
+    workdir = tmp_path_factory.mktemp("reference-run")
+    write_config(workdir, tiny_config(tiny_model_dir))
+    return workdir, run_snakemake(workdir)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a finished run, outputs, mtimes and Snakemake metadata included."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -38,7 +38,7 @@ def test_hh_fixture_end_to_end(tmp_path):
     train, heldout, summary = run(tmp_path, {"path": str(FIXTURES / "hh_pairs.jsonl.gz")}, "hh-rlhf", 12, 4)
     assert len(train) == 12 and len(heldout) == 4
     assert not {r["pair_id"] for r in train} & {r["pair_id"] for r in heldout}
-    assert summary["dropped"] == {"chosen identical to rejected": 1}
+    assert summary["dropped"] == {"empty answer": 1}
     for r in train:
         assert r["prompt"] == r["messages"][-1]["content"] and r["messages"][-1]["role"] == "user"
         assert r["chosen"].startswith("I'm sorry") and r["rejected"].startswith("Sure")

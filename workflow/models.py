@@ -7,6 +7,7 @@ set: only architectures transformers implements itself are loaded.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,20 +44,24 @@ def embedded_gguf(name: str) -> tuple[str, str]:
     return folder, filename
 
 
-def load_source_model(name_or_path: str, dtype=torch.float32):
-    """(model, tokenizer) from the config's ``model.name_or_path``."""
+def load_source_model(name_or_path: str, dtype=torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from the config's ``model.name_or_path``.
+
+    Folders and hub ids are read as safetensors only (no pickled ``.bin`` weights).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {}
+    kwargs = {"trust_remote_code": trust_remote_code}
     if name_or_path.startswith("embedded:"):
         folder, gguf = embedded_gguf(name_or_path.split(":", 1)[1])
-        location, kwargs = folder, {"gguf_file": gguf}
+        location, kwargs = folder, {**kwargs, "gguf_file": gguf}
     else:
         location = name_or_path
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise ModelError(f"model.name_or_path: {name_or_path!r} does not exist (expected a model folder)")
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    weights = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **weights)
     if getattr(model, "hf_quantizer", None) is not None:
         # GGUF weights are dequantised to fp32 on load, but the quantizer marker stays and
         # trainers then refuse the model; clearing it makes it an ordinary fp32 model.
@@ -64,17 +69,27 @@ def load_source_model(name_or_path: str, dtype=torch.float32):
     return model, tokenizer
 
 
+PROVENANCE = "provenance.json"
+
+
+def trusts_remote_code(folder) -> bool:
+    """Whether the config allowed remote code for this model (recorded by ``prepare_model``)."""
+    path = Path(folder) / PROVENANCE
+    return path.exists() and json.loads(path.read_text()).get("trust_remote_code") is True
+
+
 def load_model(folder, dtype=torch.float32, device: str = "cpu"):
-    """A model prepared by ``workflow.prepare_model`` or ``workflow.train_policy``."""
+    """A model prepared by ``workflow.prepare_model`` or ``workflow.train_policy`` (safetensors)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trusts_remote_code(folder)).to(device)
 
 
 def load_tokenizer(folder, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code(folder))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side

@@ -13,16 +13,18 @@ import shutil
 from pathlib import Path
 
 from workflow.files import write_json
-from workflow.models import load_source_model, mlp_output_projections
+from workflow.models import PROVENANCE, load_source_model, mlp_output_projections
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name-or-path", required=True)
     p.add_argument("--output", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own code (only when the config enables it for this model)")
     a = p.parse_args(argv)
 
-    model, tokenizer = load_source_model(a.name_or_path)
+    model, tokenizer = load_source_model(a.name_or_path, trust_remote_code=a.trust_remote_code)
     layers = mlp_output_projections(model)
     out = Path(a.output)
     tmp = out.with_name(out.name + ".tmp")
@@ -32,8 +34,9 @@ def main(argv=None):
     info = {"name_or_path": a.name_or_path, "model_type": model.config.model_type,
             "layers": len(layers), "neurons_per_layer": layers[0].n_neurons,
             "mlp_output_projection": layers[0].name.split(".", )[-1],
-            "parameters": sum(p.numel() for p in model.parameters())}
-    write_json(tmp / "provenance.json", info)
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trust_remote_code": a.trust_remote_code}
+    write_json(tmp / PROVENANCE, info)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(json.dumps(info))

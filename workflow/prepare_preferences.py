@@ -76,18 +76,18 @@ def pku_records(rows: list[dict], what: str) -> tuple[list[dict], dict]:
 FORMATS = {"hh-rlhf": hh_records, "pku-saferlhf": pku_records}
 
 
-def drop_degenerate(records: list[dict], dropped: dict) -> list[dict]:
-    """Remove pairs that carry no preference signal (an empty answer, or two equal answers)."""
+def check_pairs(records: list[dict], dropped: dict, what: str) -> list[dict]:
+    """Drop pairs with an empty answer (a known quirk of HH-RLHF, counted in the summary); refuse
+    pairs whose two answers are identical, which carry no preference and point to a data bug."""
     kept = []
     for r in records:
         if not r["chosen"] or not r["rejected"]:
-            reason = "empty answer"
+            dropped["empty answer"] = dropped.get("empty answer", 0) + 1
         elif r["chosen"] == r["rejected"]:
-            reason = "chosen identical to rejected"
+            row = r["pair_id"].rsplit("-", 1)[1]
+            raise SourceError(f"{what}: row {row} (pair {r['pair_id']}): chosen is identical to rejected")
         else:
             kept.append({**r, "prompt": r["messages"][-1]["content"]})
-            continue
-        dropped[reason] = dropped.get(reason, 0) + 1
     return kept
 
 
@@ -117,9 +117,10 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     source = json.loads(a.source_json)
-    rows = load_rows(source, what="preferences.source")
-    records, dropped = FORMATS[a.format](rows, "preferences.source")
-    records = drop_degenerate(records, dropped)
+    what = f"preferences.source ({source.get('path') or source.get('hub')})"
+    rows = load_rows(source, what=what)
+    records, dropped = FORMATS[a.format](rows, what)
+    records = check_pairs(records, dropped, what)
     train, heldout = split_train_heldout(records, a.n_train, a.n_heldout, a.seed)
     write_jsonl(a.train, train)
     write_jsonl(a.heldout, heldout)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, safe_open
 
 from workflow.files import read_jsonl, write_json, write_tsv
 from workflow.losses import LOSSES, dpo_logits
-from workflow.models import load_model, load_tokenizer, mlp_output_projections
+from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
 from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
 from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected
 
@@ -181,6 +181,8 @@ def main(argv=None):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     load_tokenizer(a.model).save_pretrained(tmp)
+    if (Path(a.model) / PROVENANCE).exists():  # carries the base model's origin (and remote-code setting)
+        shutil.copy(Path(a.model) / PROVENANCE, tmp / PROVENANCE)
     write_json(tmp / "training_config.json", {"method": method, "training": settings, "seed": a.seed,
                                               "pairs": a.pairs, "base_model": a.model})
     shutil.rmtree(out, ignore_errors=True)
