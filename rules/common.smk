@@ -104,6 +104,12 @@ wildcard_constraints:
     model=_alternatives(["base", *POLICIES]),
 
 
+def reads_subspace(method):
+    """Whether a method's sharpness-aware step needs the probe-selected neurons."""
+    sharpness = config["presets"][method].get("sharpness")
+    return bool(sharpness) and sharpness["subspace"] in ("probe", "random")
+
+
 def as_json(obj):
     """A config slice as one shell-quoted JSON argument (params with it rerun jobs when it changes)."""
     return shlex.quote(json.dumps(obj, sort_keys=True))

@@ -33,8 +33,9 @@ rule train_policy:
         model=rules.prepare_model.output.model,
         pairs=rules.inject_noise.output.pairs,
         reference=rules.reference_logps.output.logps,
-        # only sharpness-aware methods read the subspace, so changing it does not retrain DPO
-        subspace=lambda wc: rules.select_subspace.output.neurons if config["presets"][wc.method].get("sharpness") else [],
+        # only methods perturbing the probe subspace (or as many random neurons) read it, so
+        # changing it does not retrain DPO or the uniform/full controls
+        subspace=lambda wc: rules.select_subspace.output.neurons if reads_subspace(wc.method) else [],
     output:
         policy=directory("results/policies/{method}/noise{noise}/seed{seed}"),
         log="results/policies/{method}/noise{noise}/seed{seed}.train_log.tsv",

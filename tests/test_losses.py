@@ -27,3 +27,63 @@ def test_label_smoothing_mixes_both_directions():
 
 def test_loss_is_per_pair():
     assert dpo_loss(torch.tensor([1.0, -1.0, 0.0]), beta=0.1).shape == (3,)
+
+
+def test_rdpo_against_hand_computed_value():
+    from workflow.losses import rdpo_loss
+
+    # h = 1, β = 0.1, ε = 0.2: ((0.8·log(1+e^-0.1)) − 0.2·log(1+e^0.1)) / 0.6
+    expected = (0.8 * math.log(1 + math.exp(-0.1)) - 0.2 * math.log(1 + math.exp(0.1))) / 0.6
+    assert math.isclose(rdpo_loss(torch.tensor([1.0]), 0.1, 0.2).item(), expected, rel_tol=1e-6)
+    assert math.isclose(expected, 0.611063, rel_tol=1e-5)
+    # ε = 0 is plain DPO
+    assert torch.allclose(rdpo_loss(torch.tensor([0.3]), 0.1, 0.0), dpo_loss(torch.tensor([0.3]), 0.1))
+
+
+def test_ipo_against_hand_computed_values():
+    from workflow.losses import ipo_loss
+
+    assert ipo_loss(torch.tensor([1.0, 3.0]), tau=0.5).tolist() == [0.0, 4.0]  # target margin 1/(2τ) = 1
+    assert ipo_loss(torch.tensor([3.0]), tau=0.25).item() == 1.0
+
+
+def test_simpo_against_hand_computed_value():
+    from workflow.losses import simpo_loss
+
+    # average log-probs −1 vs −2, β = 2, γ = 0.5: −log σ(2·1 − 0.5) = log(1 + e^-1.5)
+    got = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, margin=0.5).item()
+    assert math.isclose(got, 0.2014132779827524, rel_tol=1e-6)
+
+
+def test_soft_labels_and_their_cross_entropy():
+    from workflow.losses import soft_label_loss, soft_labels
+
+    p = soft_labels(torch.tensor([2.0]), torch.tensor([1.0]), beta_r=1.0)
+    assert math.isclose(p.item(), 1 / (1 + math.exp(-1.0)), rel_tol=1e-6)
+    h = torch.tensor([0.7])
+    assert torch.allclose(soft_label_loss(h, 0.1, torch.tensor([1.0])), dpo_loss(h, 0.1))  # hard label = DPO
+    assert math.isclose(soft_label_loss(torch.zeros(1), 0.1, torch.tensor([0.5])).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_dr_dpo_reduction_against_hand_computed_value():
+    from workflow.losses import reduce_losses
+
+    losses = torch.tensor([1.0, 3.0])
+    # −β′·log mean exp(−ℓ/β′) with β′ = 1: −log((e^-1 + e^-3)/2)
+    assert math.isclose(reduce_losses(losses, dr_beta=1.0).item(), 1.5662191695169727, rel_tol=1e-6)
+    assert reduce_losses(losses).item() == 2.0
+    assert math.isclose(reduce_losses(losses, dr_beta=1e4).item(), 2.0, rel_tol=1e-3)  # β′ → ∞: the mean
+    assert reduce_losses(losses, dr_beta=0.01).item() < 1.01  # β′ → 0: the smallest loss dominates
+
+
+def test_pair_losses_dispatch_by_preset():
+    from workflow.losses import PairLogps, pair_losses
+
+    logps = PairLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]),
+                      torch.tensor([4]), torch.tensor([2]))
+    assert torch.allclose(pair_losses({"loss": "dpo", "beta": 0.1}, logps), dpo_loss(torch.tensor([1.0]), 0.1))
+    cdpo = pair_losses({"loss": "cdpo", "beta": 0.1, "label_smoothing": 0.1}, logps)
+    assert torch.allclose(cdpo, dpo_loss(torch.tensor([1.0]), 0.1, 0.1))
+    # SimPO uses length-normalised log-probs: −1/4 vs −2/2
+    simpo = pair_losses({"loss": "simpo", "beta": 2.0, "simpo_margin": 0.0}, logps)
+    assert math.isclose(simpo.item(), math.log(1 + math.exp(-2.0 * 0.75)), rel_tol=1e-6)

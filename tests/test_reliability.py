@@ -110,3 +110,15 @@ def test_no_pickle_loading_and_no_remote_code_by_default():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
         assert not re.search(r"^\s*(import|from) (c?pickle|joblib)\b|pickle\.loads?\(", text, re.M), path
+
+
+def test_remote_code_is_off_unless_the_config_enables_it(tiny_model_dir, tmp_path):
+    from workflow import prepare_model
+    from workflow.models import trusts_remote_code
+
+    prepare_model.main(["--name-or-path", str(tiny_model_dir), "--output", str(tmp_path / "off")])
+    assert not trusts_remote_code(tmp_path / "off")
+    prepare_model.main(["--name-or-path", str(tiny_model_dir), "--output", str(tmp_path / "on"), "--trust-remote-code"])
+    assert trusts_remote_code(tmp_path / "on")
+    assert sorted(p.name for p in (tmp_path / "off").glob("*.safetensors")) == ["model.safetensors"]
+    assert not list((tmp_path / "off").glob("*.bin"))

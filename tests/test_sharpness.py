@@ -50,3 +50,19 @@ def test_perturbation_needs_gradients():
         assert "backward" in str(e)
     else:
         raise AssertionError("perturbing without gradients must fail")
+
+
+def test_normalized_step_moves_the_subspace_by_rho():
+    import random
+
+    from workflow.sharpness import selected_grad_norm, step_size
+
+    w = weight_with_grad((8, 12), seed=3)
+    before = w.detach().clone()
+    selected = [SelectedNeurons(w, torch.tensor([2, 5, 11]), axis=1)]
+    gamma = step_size({"perturbation": "normalized", "rho": 0.05}, selected, random.Random(0))
+    assert abs(gamma * selected_grad_norm(selected) - 0.05) < 1e-6
+    perturb_selected(selected, gamma)
+    assert abs(float((w.detach() - before).norm()) - 0.05) < 1e-5
+    raw = step_size({"perturbation": "raw", "gamma_min": 2e-6, "gamma_max": 4e-6}, selected, random.Random(0))
+    assert 2e-6 <= raw <= 4e-6

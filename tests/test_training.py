@@ -1,4 +1,7 @@
 """Training-loop tests on the tiny random Llama (CPU, seconds)."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -104,3 +107,49 @@ def test_reference_is_looked_up_by_answer_text_so_flips_need_no_flag(tiny):
     assert flipped[0]["ref_chosen"] == reference[0]["logps"][text_key(recs[0]["rejected"])]
     with pytest.raises(ValueError, match="no reference log-probs for pair 'p0'"):
         attach_reference([{**recs[0], "chosen": "something else"}], reference, "reference.jsonl")
+
+
+@pytest.mark.parametrize("subspace", ["probe", "random", "uniform", "full"])
+def test_geometry_controls_choose_what_is_perturbed(tiny_model_dir, tmp_path, subspace):
+    from safetensors.torch import save_file
+
+    from workflow.train_policy import perturbed_set
+
+    model = load_model(tiny_model_dir)
+    layers = mlp_output_projections(model)
+    path = tmp_path / "neurons.safetensors"
+    save_file({"layer0.index": torch.tensor([1, 2]), "layer1.index": torch.tensor([5])}, str(path),
+              metadata={"names": json.dumps([l.name for l in layers])})
+    chosen = perturbed_set(model, {"subspace": subspace}, str(path), seed=0)
+    count = sum(len(s.index) for s in chosen)
+    if subspace == "probe":
+        assert [s.index.tolist() for s in chosen] == [[1, 2], [5]]
+    elif subspace == "random":
+        assert count == 3  # as many neurons as the probe selected
+        again = perturbed_set(model, {"subspace": subspace}, str(path), seed=0)
+        assert [s.index.tolist() for s in again] == [s.index.tolist() for s in chosen]
+    elif subspace == "uniform":
+        assert count == sum(l.n_neurons for l in layers)
+    else:
+        assert {id(s.weight) for s in chosen} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("method", [
+    {"loss": "cdpo", "beta": 0.1, "label_smoothing": 0.1},
+    {"loss": "rdpo", "beta": 0.1, "label_smoothing": 0.2},
+    {"loss": "ipo", "beta": 0.5},
+    {"loss": "simpo", "beta": 2.0, "simpo_margin": 0.5},
+    {"loss": "dpo", "beta": 0.1, "dr_beta": 1.0},
+    {"loss": "dpo", "beta": 0.1, "dr_beta": 1.0,
+     "sharpness": {"interval": 1, "subspace": "full", "perturbation": "normalized", "rho": 0.05}},
+])
+def test_every_loss_and_control_trains(tiny_model_dir, method):
+    from workflow.train_policy import perturbed_set
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    selected = perturbed_set(model, method["sharpness"], None, 0) if "sharpness" in method else None
+    log = train(model, tok, with_reference(model, tok, records()), method, SETTINGS, 0, selected)
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,12 +1,33 @@
 """Preference losses as small pure tensor functions.
 
-All take per-pair summed log-probabilities, shape [B], and return per-pair losses, shape [B];
-the caller takes the mean. Equation numbers refer to Rafailov et al. 2023 (DPO).
+Per-pair losses take tensors of shape [B] and return shape [B]; the reduction over the batch
+is separate (``reduce_losses``: the mean, or Dr.DPO's distributionally robust log-mean-exp).
+``h`` is the DPO logit (policy minus reference log-ratio of chosen over rejected, eq. 7 of
+Rafailov et al. 2023).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class PairLogps:
+    """Summed answer log-probabilities of a batch of pairs, and the answers' token counts."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    reference_chosen: torch.Tensor
+    reference_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @property
+    def h(self) -> torch.Tensor:
+        return dpo_logits(self.policy_chosen, self.policy_rejected, self.reference_chosen, self.reference_rejected)
 
 
 def dpo_logits(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -16,8 +37,64 @@ def dpo_logits(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 
 def dpo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """−log σ(β·h) (eq. 7), or with label smoothing ε (cDPO) −(1−ε)·log σ(β·h) − ε·log σ(−β·h)."""
+    """−log σ(β·h) (eq. 7); with label smoothing ε this is cDPO: −(1−ε)·log σ(β·h) − ε·log σ(−β·h)."""
     return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
-LOSSES = {"dpo": dpo_loss}
+def rdpo_loss(h: torch.Tensor, beta: float, epsilon: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, eq. 9): the unbiased loss under a flip rate ε < 0.5,
+    ((1−ε)·ℓ(h) − ε·ℓ(−h)) / (1 − 2ε) with ℓ(h) = −log σ(β·h)."""
+    return ((1.0 - epsilon) * -F.logsigmoid(beta * h) - epsilon * -F.logsigmoid(-beta * h)) / (1.0 - 2.0 * epsilon)
+
+
+def ipo_loss(h: torch.Tensor, tau: float) -> torch.Tensor:
+    """IPO (Azar et al. 2024, eq. 17): (h − 1/(2τ))²."""
+    return (h - 1.0 / (2.0 * tau)) ** 2
+
+
+def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, margin: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free on length-normalised log-probs:
+    −log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ)."""
+    return -F.logsigmoid(beta * (avg_chosen - avg_rejected) - margin)
+
+
+def soft_label_loss(h: torch.Tensor, beta: float, p: torch.Tensor) -> torch.Tensor:
+    """Reward-level ShaPO: cross-entropy between a soft label p (chosen preferred) and σ(β·h)."""
+    return -p * F.logsigmoid(beta * h) - (1.0 - p) * F.logsigmoid(-beta * h)
+
+
+def soft_labels(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, beta_r: float) -> torch.Tensor:
+    """p = σ(β_r·(r_chosen − r_rejected))."""
+    return torch.sigmoid(beta_r * (reward_chosen - reward_rejected))
+
+
+LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "simpo")
+
+
+def pair_losses(method: dict, logps: PairLogps) -> torch.Tensor:
+    """Per-pair loss [B] of a method preset (``loss``, ``beta`` and the loss's own parameter)."""
+    kind, beta = method["loss"], method["beta"]
+    if kind == "dpo":
+        return dpo_loss(logps.h, beta)
+    if kind == "cdpo":
+        return dpo_loss(logps.h, beta, method["label_smoothing"])
+    if kind == "rdpo":
+        return rdpo_loss(logps.h, beta, method["label_smoothing"])
+    if kind == "ipo":
+        return ipo_loss(logps.h, beta)
+    if kind == "simpo":
+        avg_w = logps.policy_chosen / logps.chosen_tokens.clamp(min=1)
+        avg_l = logps.policy_rejected / logps.rejected_tokens.clamp(min=1)
+        return simpo_loss(avg_w, avg_l, beta, method.get("simpo_margin", 0.5))
+    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+
+
+def reduce_losses(losses: torch.Tensor, dr_beta: float | None = None) -> torch.Tensor:
+    """Mean over the batch, or Dr.DPO's −β′·log mean exp(−ℓ_i/β′) (Wu et al. 2024) when ``dr_beta`` is set.
+
+    Dr.DPO's reduction weights each pair by exp(−ℓ_i/β′): pairs the model finds implausible
+    (high loss, often the flipped ones) count less; β′ → ∞ recovers the mean.
+    """
+    if dr_beta is None:
+        return losses.mean()
+    return -dr_beta * (torch.logsumexp(-losses / dr_beta, dim=0) - math.log(losses.numel()))

@@ -57,6 +57,11 @@ def collate_pairs(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+def answer_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[2B] number of answer tokens scored per sequence (for length-normalised losses)."""
+    return batch["loss_mask"][:, 1:].sum(-1)
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[2B] summed log p(answer token | prefix) over each sequence's answer tokens.
 

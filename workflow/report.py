@@ -50,11 +50,16 @@ def markdown_table(table: pd.DataFrame) -> str:
 def plot_harmful_rate(table: pd.DataFrame, path) -> None:
     benchmarks = sorted(table.benchmark.unique())
     fig, axes = plt.subplots(1, len(benchmarks), figsize=(4.5 * len(benchmarks), 3.6), squeeze=False, sharey=True)
+    methods = sorted(table.loc[table.method != "base", "method"].unique())
+    noises = table.noise.dropna()
+    # methods with equal rates would hide each other: offset each a little along x, own marker and dash
+    step = 0.012 * ((noises.max() - noises.min()) or 1.0)
     for ax, bench in zip(axes[0], benchmarks):
         sub = table[table.benchmark == bench]
-        for method, rows in sub[sub.method != "base"].groupby("method"):
-            rows = rows.sort_values("noise")
-            ax.errorbar(rows.noise, rows.harmful_rate, yerr=rows["std"], marker="o", capsize=3, label=method)
+        for i, method in enumerate(methods):
+            rows = sub[sub.method == method].sort_values("noise")
+            ax.errorbar(rows.noise + (i - (len(methods) - 1) / 2) * step, rows.harmful_rate, yerr=rows["std"],
+                        marker="osD^v<>"[i % 7], linestyle=["-", "--", "-.", ":"][i % 4], capsize=3, label=method)
         base = sub[sub.method == "base"]
         if len(base):
             ax.axhline(base.harmful_rate.iloc[0], color="grey", linestyle="--", label="base (untrained)")

@@ -21,6 +21,24 @@ class SelectedNeurons:
 
 
 @torch.no_grad()
+def selected_grad_norm(selected: list[SelectedNeurons]) -> float:
+    """‖∇W[selected]‖₂ over all selected slices together."""
+    return sum(float(s.weight.grad.index_select(s.axis, s.index).pow(2).sum()) for s in selected) ** 0.5
+
+
+def step_size(sharpness: dict, selected: list[SelectedNeurons], rng) -> float:
+    """γ of one sharpness-aware step.
+
+    ``raw`` (the reference code): γ ~ U[γ_min, γ_max], so the move is γ·g and scales with the
+    gradient. ``normalized`` (SAM): γ = ρ/‖g_S‖, so the move ρ·g/‖g_S‖ has length ρ whatever
+    the gradient's scale.
+    """
+    if sharpness.get("perturbation", "raw") == "normalized":
+        return sharpness["rho"] / max(selected_grad_norm(selected), 1e-12)
+    return rng.uniform(sharpness["gamma_min"], sharpness["gamma_max"])
+
+
+@torch.no_grad()
 def perturb_selected(selected: list[SelectedNeurons], gamma: float) -> list[torch.Tensor]:
     """W[selected] += γ·∇W[selected] for every layer; returns the original slices."""
     saved = []

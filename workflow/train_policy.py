@@ -26,14 +26,42 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from workflow.files import read_jsonl, write_json, write_tsv
-from workflow.losses import LOSSES, dpo_logits
+from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses
 from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
-from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
-from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected
+from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected, step_size
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+def perturbed_set(model, sharpness: dict, subspace_path: str | None, seed: int) -> list[SelectedNeurons]:
+    """What a sharpness-aware step moves, by ``sharpness.subspace``:
+
+    ``probe`` the probe-selected neurons (the method); ``random`` as many neurons drawn at
+    random from all MLP output neurons (seeded); ``uniform`` every MLP output neuron; ``full``
+    every parameter (plain SAM).
+    """
+    kind = sharpness.get("subspace", "probe")
+    if kind == "full":
+        return [SelectedNeurons(p, torch.arange(p.shape[0]), 0) for p in model.parameters() if p.requires_grad]
+    layers = mlp_output_projections(model)
+    if kind == "uniform":
+        return [SelectedNeurons(l.weight, torch.arange(l.n_neurons), l.axis) for l in layers]
+    if subspace_path is None:
+        raise ValueError(f"sharpness.subspace {kind!r} needs the selected subspace (--subspace)")
+    probe = load_selected_neurons(model, subspace_path)
+    if kind == "probe":
+        return probe
+    if kind == "random":
+        count = sum(len(s.index) for s in probe)
+        sizes = [l.n_neurons for l in layers]
+        pick = torch.sort(torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))[:count]).values
+        bounds = torch.cumsum(torch.tensor([0] + sizes), 0)
+        chosen = [(l, pick[(pick >= lo) & (pick < hi)] - lo) for l, lo, hi in zip(layers, bounds[:-1], bounds[1:])]
+        return [SelectedNeurons(l.weight, idx, l.axis) for l, idx in chosen if len(idx)]
+    raise ValueError(f"unknown sharpness.subspace {kind!r}; expected probe, random, uniform or full")
 
 
 def load_selected_neurons(model, path: str) -> list[SelectedNeurons]:
@@ -64,13 +92,12 @@ def attach_reference(records: list[dict], reference_rows: list[dict], path: str)
 
 
 def preference_loss(model, batch: dict, records: list[dict], method: dict):
-    """(mean loss, h [B]) for one batch under the method's loss."""
-    logps = sequence_logps(model, batch)
-    n = len(records)
-    h = dpo_logits(logps[:n], logps[n:], torch.tensor([r["ref_chosen"] for r in records]),
-                   torch.tensor([r["ref_rejected"] for r in records]))
-    loss = LOSSES[method["loss"]](h, method["beta"], method.get("label_smoothing", 0.0)).mean()
-    return loss, h.detach()
+    """(batch loss, h [B]) for one batch under the method's loss and reduction."""
+    logps, counts, n = sequence_logps(model, batch), answer_token_counts(batch), len(records)
+    pair = PairLogps(logps[:n], logps[n:], torch.tensor([r["ref_chosen"] for r in records]),
+                     torch.tensor([r["ref_rejected"] for r in records]), counts[:n], counts[n:])
+    loss = reduce_losses(pair_losses(method, pair), method.get("dr_beta"))
+    return loss, pair.h.detach()
 
 
 def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
@@ -123,7 +150,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None):
             row = {"step": step, "epoch": epoch, "loss": loss.item(), "loss_perturbed": float("nan"),
                    "sharpness_step": False, "gamma": 0.0}
             if sharp and step % sharp["interval"] == 0:
-                gamma = gamma_rng.uniform(sharp["gamma_min"], sharp["gamma_max"])
+                gamma = step_size(sharp, selected, gamma_rng)
                 saved = perturb_selected(selected, gamma)
                 optimizer.zero_grad()
                 loss2, _ = preference_loss(model, batch, recs, method)
@@ -165,7 +192,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     method, settings = json.loads(a.method_json), json.loads(a.training_json)
     if method["loss"] not in LOSSES:
-        raise ValueError(f"method loss {method['loss']!r} is unknown; expected one of {sorted(LOSSES)}")
+        raise ValueError(f"method loss {method['loss']!r} is unknown; expected one of {LOSSES}")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -173,7 +200,7 @@ def main(argv=None):
     records = read_jsonl(a.pairs)
     attach_reference(records, read_jsonl(a.reference), a.reference)
     model = load_model(a.model)
-    selected = load_selected_neurons(model, a.subspace) if method.get("sharpness") else None
+    selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected)
 
     out = Path(a.output)
