@@ -153,3 +153,70 @@ def test_every_loss_and_control_trains(tiny_model_dir, method):
     log = train(model, tok, with_reference(model, tok, records()), method, SETTINGS, 0, selected)
     assert all(math.isfinite(r["loss"]) for r in log)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weights(tiny_model_dir, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from conftest import ROOT
+    from workflow import train_policy
+    from workflow.files import write_jsonl
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = records(80)
+    write_jsonl(tmp_path / "pairs.jsonl", recs)
+    write_jsonl(tmp_path / "reference.jsonl", score_pairs(model, tok, recs, SETTINGS))
+    method = {**DPO, "sharpness": {"interval": 3, "subspace": "uniform", "perturbation": "raw",
+                                   "gamma_min": 1e-3, "gamma_max": 2e-3}}
+    settings = {**SETTINGS, "checkpoint_every": 2, "warmup_ratio": 0.1}
+
+    def args(name):
+        return ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+                "--reference", str(tmp_path / "reference.jsonl"), "--method-json", json.dumps(method),
+                "--training-json", json.dumps(settings), "--seed", "3", "--threads", "1",
+                "--output", str(tmp_path / name), "--log", str(tmp_path / f"{name}.tsv")]
+
+    train_policy.main(args("uninterrupted"))
+    assert not (tmp_path / "uninterrupted.checkpoint").exists()  # removed after success
+
+    proc = subprocess.Popen([sys.executable, "-m", "workflow.train_policy", *args("killed")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not (state.exists() and json.loads(state.read_text())["step"] >= 6):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists()
+
+    capsys.readouterr()
+    train_policy.main(args("killed"))
+    resumed = json.loads(next(l for l in capsys.readouterr().out.splitlines() if "resumed_at_step" in l))
+    assert 6 <= resumed["resumed_at_step"] < resumed["of"] == 40
+    a, b = load_file(tmp_path / "uninterrupted/model.safetensors"), load_file(tmp_path / "killed/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "uninterrupted.tsv").read_text().splitlines()
+    log_b = (tmp_path / "killed.tsv").read_text().splitlines()
+    drop_seconds = [[c for i, c in enumerate(l.split("\t")) if i != log_a[0].split("\t").index("seconds")] for l in log_a]
+    assert drop_seconds == [[c for i, c in enumerate(l.split("\t")) if i != log_a[0].split("\t").index("seconds")]
+                            for l in log_b]
+
+
+def test_checkpoint_of_other_inputs_is_ignored(tiny_model_dir, tmp_path):
+    from workflow.checkpoint import Checkpointer
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = with_reference(model, tok, records(8))
+    settings = {**SETTINGS, "checkpoint_every": 1}
+    train(model, tok, recs, DPO, settings, seed=0, checkpointer=Checkpointer(tmp_path / "ckpt", 1, "key-a"))
+    assert (tmp_path / "ckpt" / "state.json").exists()
+    fresh = load_model(tiny_model_dir)
+    log = train(fresh, tok, recs, DPO, settings, seed=0, checkpointer=Checkpointer(tmp_path / "ckpt", 1, "key-b"))
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # started over instead of resuming at step 3

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, safe_open
 
+from workflow.checkpoint import Checkpointer, file_digest, fingerprint
 from workflow.files import read_jsonl, write_json, write_tsv
 from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses
 from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
@@ -34,6 +35,10 @@ from workflow.sharpness import SelectedNeurons, perturb_selected, restore_select
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+LOG_COLUMNS = ["step", "epoch", "loss", "loss_perturbed", "sharpness_step", "gamma", "margin", "acc_clean",
+               "acc_flipped", "n_clean", "n_flipped", "grad_norm", "lr", "seconds"]
 
 
 def perturbed_set(model, sharpness: dict, subspace_path: str | None, seed: int) -> list[SelectedNeurons]:
@@ -122,8 +127,13 @@ def make_optimizer(model, settings: dict, total_steps: int):
     return opt, get_scheduler(settings.get("schedule", "linear"), opt, warmup, total_steps)
 
 
-def train(model, tokenizer, records, method, settings, seed, selected=None):
-    """Run the training loop; returns the per-step log as a list of dicts."""
+def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None):
+    """Run the training loop; returns the per-step log as a list of dicts.
+
+    With a ``checkpointer`` the loop saves every few steps and first resumes from a matching
+    checkpoint, restoring weights, optimizer, schedule, batch order and every RNG, so a resumed
+    run ends with the same weights as an uninterrupted one.
+    """
     rng = np.random.default_rng(seed)
     gamma_rng = random.Random(seed)
     sharp = method.get("sharpness")
@@ -133,12 +143,18 @@ def train(model, tokenizer, records, method, settings, seed, selected=None):
                                     settings.get("prompt_format", "auto")) for r in records]
     bs = settings["batch_size"]
     steps_per_epoch = math.ceil(len(records) / bs)
-    optimizer, scheduler = make_optimizer(model, settings, steps_per_epoch * settings["epochs"])
+    total = steps_per_epoch * settings["epochs"]
+    optimizer, scheduler = make_optimizer(model, settings, total)
+    log, step, first_epoch, order = [], 0, 0, None
+    resumed = checkpointer.load(model, optimizer, scheduler, (rng, gamma_rng)) if checkpointer else None
+    if resumed:
+        log, step, first_epoch, order = resumed["log"], resumed["step"], resumed["epoch"], np.array(resumed["order"])
+        print(json.dumps({"resumed_at_step": step, "of": total}), flush=True)
     model.train()
-    log, step = [], 0
-    for epoch in range(settings["epochs"]):
-        order = rng.permutation(len(records))
-        for start in range(0, len(order), bs):
+    for epoch in range(first_epoch, settings["epochs"]):
+        if order is None:
+            order = rng.permutation(len(records))
+        for start in range((step - epoch * steps_per_epoch) * bs, len(order), bs):
             step += 1
             t0 = time.perf_counter()
             idx = order[start:start + bs]
@@ -174,6 +190,10 @@ def train(model, tokenizer, records, method, settings, seed, selected=None):
             })
             log.append(row)
             print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}), flush=True)
+            if checkpointer and checkpointer.due(step, total):
+                checkpointer.save(model, optimizer, scheduler,
+                                  {"step": step, "epoch": epoch, "order": order.tolist(), "log": log}, (rng, gamma_rng))
+        order = None
     return log
 
 
@@ -189,6 +209,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True, help="folder for the trained weights (safetensors)")
     p.add_argument("--log", required=True, help="per-step training log (TSV)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: <output>.checkpoint); removed after success")
     a = p.parse_args(argv)
     method, settings = json.loads(a.method_json), json.loads(a.training_json)
     if method["loss"] not in LOSSES:
@@ -201,7 +222,12 @@ def main(argv=None):
     attach_reference(records, read_jsonl(a.reference), a.reference)
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
-    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected)
+    inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace) if f]
+    key = fingerprint(method, {k: v for k, v in settings.items() if k != "checkpoint_every"}, a.seed, inputs,
+                      str(Path(a.model).resolve()))
+    checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint",
+                                settings.get("checkpoint_every", 0), key)
+    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer)
 
     out = Path(a.output)
     tmp = out.with_name(out.name + ".tmp")
@@ -214,7 +240,8 @@ def main(argv=None):
                                               "pairs": a.pairs, "base_model": a.model})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    write_tsv(a.log, pd.DataFrame(log))
+    write_tsv(a.log, pd.DataFrame(log, columns=LOG_COLUMNS))
+    checkpointer.remove()
 
 
 if __name__ == "__main__":
