@@ -37,7 +37,7 @@ CONFIG_CASES = {
     "subspace percent over 100": (lambda c: c["subspace"].update(percent=150),
                                   "config key subspace.percent: 150 is greater than the maximum of 100"),
     "unknown method": (lambda c: c.update(methods=["dpo", "shapoo"]),
-                       "config key methods: unknown method 'shapoo'; defined presets: ['dpo', 'shapo']"),
+                       "config key methods: unknown method 'shapoo'; defined presets: ['cdpo', 'dpo', 'drdpo'"),
     "unknown benchmark": (lambda c: c["evaluation"].update(benchmarks=["harmbench", "salad"]),
                           "config key evaluation.benchmarks: unknown benchmark 'salad'"),
     "gamma range reversed": (lambda c: c["presets"]["shapo"]["sharpness"].update(gamma_min=1.0),

@@ -1,8 +1,8 @@
 """Answer a benchmark's prompts with a model: batched, left-padded, greedy by default.
 
-    python -m workflow.generate --model results/policies/shapo/noise0.40/seed0 \
+    python -m workflow.generate --model results/policies/shapo/noise0.4/seed0 \
         --prompts results/data/benchmarks/harmbench/sample.jsonl --max-new-tokens 64 --batch-size 16 \
-        --output results/generations/shapo/noise0.40/seed0/harmbench.jsonl
+        --output results/generations/shapo/noise0.4/seed0/harmbench.jsonl
 
 Each prompt is one user turn in the model's chat template (``--prompt-format hh`` uses
 ``\\n\\nHuman: …\\n\\nAssistant:`` for base models).

@@ -1,7 +1,7 @@
 """Flip a fraction of preference pairs (chosen <-> rejected), seeded, keeping a ``flipped`` flag.
 
     python -m workflow.inject_noise --input results/data/preferences/train.jsonl --rate 0.4 --seed 0 \
-        --output results/data/noisy/noise0.40/seed0.jsonl --summary results/data/noisy/noise0.40/seed0.json
+        --output results/data/noisy/noise0.4/seed0.jsonl --summary results/data/noisy/noise0.4/seed0.json
 """
 from __future__ import annotations
 

@@ -1,14 +1,16 @@
 """Preference-train a policy with DPO or token-level ShaPO on a (noisy) preference set.
 
-    python -m workflow.train_policy --model results/models/base --pairs results/data/noisy/noise0.40/seed0.jsonl \
+    python -m workflow.train_policy --model results/models/base --pairs results/data/noisy/noise0.4/seed0.jsonl \
         --reference results/data/preferences/reference_logps.jsonl --subspace results/subspace/neurons.safetensors \
         --method-json '{"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, "gamma_min": 2e-6, "gamma_max": 4e-6}}' \
         --training-json '{"batch_size": 4, "epochs": 1, "lr": 5e-6, ...}' --seed 0 \
-        --output results/policies/shapo/noise0.40/seed0 --log results/policies/shapo/noise0.40/seed0.tsv
+        --output results/policies/shapo/noise0.4/seed0 --log results/policies/shapo/noise0.4/seed0.tsv
 
 Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gradients at θ,
-the selected neurons moved uphill (W += γ·g, γ ~ U[γ_min, γ_max]), loss and gradients again at
-that point, weights restored exactly, and the optimizer step taken with the second gradients.
+the perturbed weights (``subspace``: probe-selected neurons, random, uniform or all) moved
+uphill (``raw`` γ·g with γ ~ U[γ_min, γ_max], or ``normalized`` ρ·g/‖g‖), loss and gradients
+again at that point, weights restored exactly, and the optimizer step taken with the second
+gradients. Checkpoints every ``checkpoint_every`` steps let a killed job resume.
 """
 from __future__ import annotations
 
@@ -105,6 +107,20 @@ def preference_loss(model, batch: dict, records: list[dict], method: dict):
     return loss, pair.h.detach()
 
 
+def gradients_at_perturbed_point(model, batch, records, method, selected, gamma: float, step: int) -> float:
+    """ShaPO's second pass: move the selected weights by γ·∇ (using the gradients already in
+    ``.grad``), recompute loss and gradients there, restore the weights exactly. Leaves the
+    perturbed-point gradients in ``.grad``; returns the perturbed-point loss."""
+    saved = perturb_selected(selected, gamma)
+    for p in model.parameters():
+        p.grad = None
+    loss, _ = preference_loss(model, batch, records, method)
+    check_finite(loss, step, records, "perturbed")
+    loss.backward()
+    restore_selected(selected, saved)
+    return loss.item()
+
+
 def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
     if not torch.isfinite(loss):
         ids = ", ".join(r["pair_id"] for r in records)
@@ -167,13 +183,8 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
                    "sharpness_step": False, "gamma": 0.0}
             if sharp and step % sharp["interval"] == 0:
                 gamma = step_size(sharp, selected, gamma_rng)
-                saved = perturb_selected(selected, gamma)
-                optimizer.zero_grad()
-                loss2, _ = preference_loss(model, batch, recs, method)
-                check_finite(loss2, step, recs, "perturbed")
-                loss2.backward()
-                restore_selected(selected, saved)
-                row.update(loss_perturbed=loss2.item(), sharpness_step=True, gamma=gamma)
+                loss2 = gradients_at_perturbed_point(model, batch, recs, method, selected, gamma, step)
+                row.update(loss_perturbed=loss2, sharpness_step=True, gamma=gamma)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.get("max_grad_norm", 1.0))
             optimizer.step()
             scheduler.step()
