@@ -1,5 +1,4 @@
 """Interruption, determinism and artefact safety (issue: Reliability)."""
-import csv
 import glob
 import os
 import re
@@ -122,3 +121,20 @@ def test_remote_code_is_off_unless_the_config_enables_it(tiny_model_dir, tmp_pat
     assert trusts_remote_code(tmp_path / "on")
     assert sorted(p.name for p in (tmp_path / "off").glob("*.safetensors")) == ["model.safetensors"]
     assert not list((tmp_path / "off").glob("*.bin"))
+
+
+def test_atomic_dir_keeps_the_previous_folder_until_the_new_one_is_complete(tmp_path):
+    from workflow.files import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half of v2")
+            raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "v1"
+    with atomic_dir(target) as tmp:  # the next attempt clears the leftover .tmp folder
+        assert list(tmp.iterdir()) == []
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2" and not (tmp_path / "model.tmp").exists()

@@ -2,7 +2,6 @@
 import csv
 import json
 
-import pytest
 import yaml
 
 from conftest import copy_run, jobs_run, run_snakemake

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from workflow.files import read_json, write_json
+from workflow.files import atomic_dir, read_json, write_json
 
 
 def fingerprint(*parts) -> str:
@@ -41,17 +41,13 @@ class Checkpointer:
         return self.every > 0 and step % self.every == 0 and step < total
 
     def save(self, model, optimizer, scheduler, state: dict, rngs: tuple[np.random.Generator, random.Random]) -> None:
-        tmp = self.folder.with_name(self.folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         np_rng, py_rng = rngs
-        write_json(tmp / "state.json", {**state, "key": self.key, "numpy_rng": np_rng.bit_generator.state,
-                                        "python_rng": py_rng.getstate()})
-        shutil.rmtree(self.folder, ignore_errors=True)
-        tmp.rename(self.folder)
+        with atomic_dir(self.folder) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            write_json(tmp / "state.json", {**state, "key": self.key, "numpy_rng": np_rng.bit_generator.state,
+                                            "python_rng": py_rng.getstate()})
 
     def load(self, model, optimizer, scheduler, rngs: tuple[np.random.Generator, random.Random]) -> dict | None:
         """Restore everything in place and return the saved state, or None when there is nothing to resume."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +29,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder ``<path>.tmp``; on success it replaces ``path`` (a model, a checkpoint).
+
+    A job killed while writing leaves only the ``.tmp`` folder, which the next attempt clears;
+    ``path`` is either the previous complete folder or absent, never half-written.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def write_text(path, text: str) -> None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
-from workflow.files import write_json
+from workflow.files import atomic_dir, write_json
 from workflow.models import PROVENANCE, load_source_model, mlp_output_projections
 
 
@@ -26,19 +24,15 @@ def main(argv=None):
 
     model, tokenizer = load_source_model(a.name_or_path, trust_remote_code=a.trust_remote_code)
     layers = mlp_output_projections(model)
-    out = Path(a.output)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     info = {"name_or_path": a.name_or_path, "model_type": model.config.model_type,
             "layers": len(layers), "neurons_per_layer": layers[0].n_neurons,
-            "mlp_output_projection": layers[0].name.split(".", )[-1],
+            "mlp_output_projection": layers[0].name.split(".")[-1],
             "parameters": sum(p.numel() for p in model.parameters()),
             "trust_remote_code": a.trust_remote_code}
-    write_json(tmp / PROVENANCE, info)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(a.output) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / PROVENANCE, info)
     print(json.dumps(info))
 
 

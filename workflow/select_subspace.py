@@ -41,9 +41,14 @@ def select_top_percent(scores: list[torch.Tensor], percent: float, rank: str) ->
     flat = torch.cat(scores)
     key = {"negative": -flat, "positive": flat, "absolute": flat.abs()}[rank]
     k = max(1, round(percent / 100 * flat.numel()))
-    top = torch.sort(torch.argsort(key, descending=True, stable=True)[:k]).values
-    bounds = torch.cumsum(torch.tensor([0] + [s.numel() for s in scores]), 0)
-    return [top[(top >= lo) & (top < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return split_by_layer(torch.argsort(key, descending=True, stable=True)[:k], [s.numel() for s in scores])
+
+
+def split_by_layer(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Indices into the concatenation of layers of ``sizes`` -> sorted per-layer indices."""
+    flat = torch.sort(flat).values
+    bounds = torch.cumsum(torch.tensor([0] + sizes), 0)
+    return [flat[(flat >= lo) & (flat < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def main(argv=None):

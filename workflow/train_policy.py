@@ -28,10 +28,11 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from workflow.checkpoint import Checkpointer, file_digest, fingerprint
-from workflow.files import read_jsonl, write_json, write_tsv
+from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses
 from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
 from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.select_subspace import split_by_layer
 from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected, step_size
 
 
@@ -64,10 +65,9 @@ def perturbed_set(model, sharpness: dict, subspace_path: str | None, seed: int) 
     if kind == "random":
         count = sum(len(s.index) for s in probe)
         sizes = [l.n_neurons for l in layers]
-        pick = torch.sort(torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))[:count]).values
-        bounds = torch.cumsum(torch.tensor([0] + sizes), 0)
-        chosen = [(l, pick[(pick >= lo) & (pick < hi)] - lo) for l, lo, hi in zip(layers, bounds[:-1], bounds[1:])]
-        return [SelectedNeurons(l.weight, idx, l.axis) for l, idx in chosen if len(idx)]
+        pick = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))[:count]
+        chosen = split_by_layer(pick, sizes)
+        return [SelectedNeurons(l.weight, idx, l.axis) for l, idx in zip(layers, chosen) if len(idx)]
     raise ValueError(f"unknown sharpness.subspace {kind!r}; expected probe, random, uniform or full")
 
 
@@ -240,17 +240,13 @@ def main(argv=None):
                                 settings.get("checkpoint_every", 0), key)
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer)
 
-    out = Path(a.output)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    load_tokenizer(a.model).save_pretrained(tmp)
-    if (Path(a.model) / PROVENANCE).exists():  # carries the base model's origin (and remote-code setting)
-        shutil.copy(Path(a.model) / PROVENANCE, tmp / PROVENANCE)
-    write_json(tmp / "training_config.json", {"method": method, "training": settings, "seed": a.seed,
-                                              "pairs": a.pairs, "base_model": a.model})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(a.output) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(a.model).save_pretrained(tmp)
+        if (Path(a.model) / PROVENANCE).exists():  # carries the base model's origin (and remote-code setting)
+            shutil.copy(Path(a.model) / PROVENANCE, tmp / PROVENANCE)
+        write_json(tmp / "training_config.json", {"method": method, "training": settings, "seed": a.seed,
+                                                  "pairs": a.pairs, "base_model": a.model})
     write_tsv(a.log, pd.DataFrame(log, columns=LOG_COLUMNS))
     checkpointer.remove()
 
