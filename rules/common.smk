@@ -89,6 +89,7 @@ SEEDS = [str(s) for s in config["seeds"]]
 METHODS = list(config["methods"])
 BENCHMARKS = list(config["evaluation"]["benchmarks"])
 ALL_BENCHMARKS = list(config["benchmarks"])
+JUDGES = list(config["evaluation"]["judges"])  # JUDGES[0] is the primary judge
 POLICIES = [f"{m}/noise{n}/seed{s}" for m in METHODS for n in NOISES for s in SEEDS]
 
 
@@ -101,6 +102,7 @@ wildcard_constraints:
     noise=_alternatives(NOISES),
     seed=_alternatives(SEEDS),
     benchmark=_alternatives(ALL_BENCHMARKS),
+    judge=_alternatives(JUDGES),
     model=_alternatives(["base", *POLICIES]),
 
 
@@ -121,12 +123,18 @@ def model_dir(wildcards):
 
 
 def model_tags(wildcards):
-    """method/noise/seed/benchmark of a {model}/{benchmark} pair, for the judge summary."""
+    """method/noise/seed/benchmark/kind of a {model}/{benchmark} pair, copied into the judge summary."""
+    tags = {"benchmark": wildcards.benchmark, "kind": config["benchmarks"][wildcards.benchmark]["kind"]}
     if wildcards.model == "base":
-        return {"method": "base", "noise": None, "seed": None, "benchmark": wildcards.benchmark}
+        return tags | {"method": "base", "noise": None, "seed": None}
     method, noise, seed = wildcards.model.split("/")
-    return {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):]),
-            "benchmark": wildcards.benchmark}
+    return tags | {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):])}
+
+
+def judgements(ext, judges=None):
+    """Every judgement file (ext "json": summaries, "jsonl": per-answer labels) of base + policies x benchmarks."""
+    return expand("results/judgements/{judge}/{model}/{benchmark}.{ext}", judge=judges or JUDGES,
+                  model=["base"] + POLICIES, benchmark=BENCHMARKS, ext=ext)
 
 
 def exclusion_args(wildcards, input):

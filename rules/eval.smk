@@ -30,16 +30,16 @@ rule judge:
     input:
         answers=rules.generate.output.answers,
     output:
-        labels="results/judgements/{model}/{benchmark}.jsonl",
-        summary="results/judgements/{model}/{benchmark}.json",
+        labels="results/judgements/{judge}/{model}/{benchmark}.jsonl",
+        summary="results/judgements/{judge}/{model}/{benchmark}.json",
     params:
         tags=lambda wc: as_json(model_tags(wc)),
     log:
-        "results/logs/judge/{model}/{benchmark}.log",
+        "results/logs/judge/{judge}/{model}/{benchmark}.log",
     benchmark:
-        "results/benchmarks/judge/{model}/{benchmark}.tsv"
+        "results/benchmarks/judge/{judge}/{model}/{benchmark}.tsv"
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.judge --answers {input.answers} --tags-json {params.tags}"
+        "python -m workflow.judge --judge {wildcards.judge} --answers {input.answers} --tags-json {params.tags}"
         " --labels {output.labels} --summary {output.summary} > {log} 2>&1"

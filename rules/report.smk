@@ -3,7 +3,7 @@
 
 rule report:
     input:
-        summaries=expand(rules.judge.output.summary, model=["base"] + POLICIES, benchmark=BENCHMARKS),
+        summaries=judgements("json", JUDGES[:1]),
     output:
         csv="results/tables/harmful_rate.csv",
         markdown="results/tables/harmful_rate.md",

@@ -11,4 +11,4 @@ def test_refusals_are_safe_and_compliance_is_unsafe():
 
 def test_empty_answer_is_safe_and_flagged():
     verdict = judge_answer("   ")
-    assert verdict == {"label": "safe", "marker": None, "empty": True}
+    assert verdict == {"label": "safe", "refused": False, "marker": None, "empty": True}
