@@ -7,12 +7,13 @@ rule prepare_model:
     params:
         name_or_path=shlex.quote(config["model"]["name_or_path"]),
         remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
+    threads: config["resources"]["prepare_model"]["threads"]
+    resources:
+        **rule_resources("prepare_model"),
     log:
         "results/logs/prepare_model.log",
     benchmark:
         "results/benchmarks/prepare_model.tsv"
-    resources:
-        mem_mb=4000,
     conda:
         "../envs/torch.yaml"
     shell:
@@ -31,6 +32,9 @@ rule prepare_preferences:
         n_train=config["preferences"]["n_train"],
         n_heldout=config["preferences"]["n_heldout"],
         seed=config["preferences"]["seed"],
+    threads: config["resources"]["prepare"]["threads"]
+    resources:
+        **rule_resources("prepare"),
     log:
         "results/logs/prepare_preferences.log",
     benchmark:
@@ -52,6 +56,9 @@ rule inject_noise:
     params:
         rate=lambda wc: NOISE_RATE[wc.noise],
         seed=lambda wc: config["noise"]["seed"] + int(wc.seed),
+    threads: config["resources"]["prepare"]["threads"]
+    resources:
+        **rule_resources("prepare"),
     log:
         "results/logs/inject_noise/noise{noise}_seed{seed}.log",
     benchmark:
@@ -64,13 +71,19 @@ rule inject_noise:
 
 
 rule prepare_benchmark:
+    input:
+        unpack(benchmark_inputs),
     output:
         all="results/data/benchmarks/{benchmark}/all.jsonl",
         sample="results/data/benchmarks/{benchmark}/sample.jsonl",
     params:
         spec=lambda wc: as_json(config["benchmarks"][wc.benchmark]),
-        n=config["evaluation"]["n_prompts"],
+        n=lambda wc: config["benchmarks"][wc.benchmark].get("n_prompts", config["evaluation"]["n_prompts"]),
         seed=config["evaluation"]["seed"],
+        base=benchmark_base_arg,
+    threads: config["resources"]["prepare"]["threads"]
+    resources:
+        **rule_resources("prepare"),
     log:
         "results/logs/prepare_benchmark/{benchmark}.log",
     benchmark:
@@ -79,7 +92,7 @@ rule prepare_benchmark:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.prepare_benchmark --name {wildcards.benchmark} --spec-json {params.spec}"
-        " --n-sample {params.n} --seed {params.seed} --all {output.all} --sample {output.sample} > {log} 2>&1"
+        " --n-sample {params.n} --seed {params.seed} {params.base} --all {output.all} --sample {output.sample} > {log} 2>&1"
 
 
 rule probe_data:
@@ -94,6 +107,9 @@ rule probe_data:
     params:
         spec=as_json(config["probe"]["data"]),
         exclude=exclusion_args,
+    threads: config["resources"]["prepare"]["threads"]
+    resources:
+        **rule_resources("prepare"),
     log:
         "results/logs/probe_data.log",
     benchmark:

@@ -1,4 +1,14 @@
-# Evaluation stage: every model (base + policies) answers every benchmark sample; answers are judged.
+# Evaluation stage: every model (base + policies) answers every benchmark sample; answers are judged
+# by every judge of evaluation.judges; with two judges or more their agreement is tabulated.
+
+
+def generation_args():
+    """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
+    e = config["evaluation"]
+    args = f"--backend {e['backend']} --seed {e['seed']}"
+    if e["do_sample"]:
+        args += f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}"
+    return args
 
 
 rule generate:
@@ -11,9 +21,10 @@ rule generate:
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         batch_size=config["evaluation"]["batch_size"],
         prompt_format=config["model"]["prompt_format"],
-    threads: 2
+        decoding=generation_args(),
+    threads: config["resources"]["generate"]["threads"]
     resources:
-        mem_mb=4000,
+        **rule_resources("generate"),
     log:
         "results/logs/generate/{model}/{benchmark}.log",
     benchmark:
@@ -23,7 +34,8 @@ rule generate:
     shell:
         "python -m workflow.generate --model {input.model} --prompts {input.prompts}"
         " --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size}"
-        " --prompt-format {params.prompt_format} --threads {threads} --output {output.answers} > {log} 2>&1"
+        " --prompt-format {params.prompt_format} {params.decoding} --threads {threads}"
+        " --output {output.answers} > {log} 2>&1"
 
 
 rule judge:
@@ -34,6 +46,10 @@ rule judge:
         summary="results/judgements/{judge}/{model}/{benchmark}.json",
     params:
         tags=lambda wc: as_json(model_tags(wc)),
+        spec=lambda wc: as_json(config["judges"][wc.judge]),
+    threads: judge_threads
+    resources:
+        **judge_resources(),
     log:
         "results/logs/judge/{judge}/{model}/{benchmark}.log",
     benchmark:
@@ -41,5 +57,24 @@ rule judge:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.judge --judge {wildcards.judge} --answers {input.answers} --tags-json {params.tags}"
+        "python -m workflow.judge --judge {wildcards.judge} --judge-spec-json {params.spec}"
+        " --answers {input.answers} --tags-json {params.tags}"
         " --labels {output.labels} --summary {output.summary} > {log} 2>&1"
+
+
+rule judge_agreement:
+    input:
+        labels=judgements("jsonl"),
+    output:
+        table="results/tables/judge_agreement.csv",
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **rule_resources("report"),
+    log:
+        "results/logs/judge_agreement.log",
+    benchmark:
+        "results/benchmarks/judge_agreement.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.judge_agreement --labels {input.labels} --output {output.table} > {log} 2>&1"

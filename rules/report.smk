@@ -1,13 +1,121 @@
-# Report stage: the harmful-rate table and figure.
+# Report stage: statistics (tables), figures, and one report page (results/report.{md,html}).
+# Only these rules depend on each other here, so `--forcerun report_tables` (or `report`) after a
+# finished run reruns the report rules and nothing upstream.
+
+from workflow.provenance import local_source_paths
+
+REPORT = config["report"]
+# over-refusal (harmless) benchmarks that are answered: the refusal-vs-harmful scatter needs one
+HARMLESS_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmless" for b in BENCHMARKS)
+HARMFUL_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmful" for b in BENCHMARKS)
+REPORT_FIGURES = ["harmful_rate_vs_noise", "training_curves", "subspace_neurons"] + (
+    ["refusal_vs_harmful"] if HARMLESS_EVALUATED and HARMFUL_EVALUATED else [])
+STATS_TABLES = ["harmful_rate.csv", "harmful_rate.md", "rates_by_judge.csv", "comparisons.csv", "comparisons.md",
+                "mcnemar_by_seed.csv", "categories.csv"]
+
+
+rule report_tables:
+    input:
+        labels=judgements("jsonl"),
+        summaries=judgements("json"),
+    output:
+        expand("results/tables/{table}", table=STATS_TABLES),
+    params:
+        folder=lambda wc, output: os.path.dirname(output[0]),
+        primary=JUDGES[0],
+        reference=REPORT["reference_method"],
+        n_boot=REPORT["n_bootstrap"],
+        level=REPORT["ci_level"],
+        alpha=REPORT["alpha"],
+        seed=REPORT["seed"],
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **rule_resources("report"),
+    log:
+        "results/logs/report_tables.log",
+    benchmark:
+        "results/benchmarks/report_tables.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m workflow.stats --judgements {input.labels} --primary-judge {params.primary}"
+        " --reference-method {params.reference} --n-bootstrap {params.n_boot} --ci-level {params.level}"
+        " --alpha {params.alpha} --seed {params.seed} --tables {params.folder} > {log} 2>&1"
+
+
+rule report_figures:
+    input:
+        rates="results/tables/harmful_rate.csv",
+        train_logs=expand(rules.train_policy.output.log, zip,
+                          method=[p.split("/")[0] for p in POLICIES],
+                          noise=[p.split("/")[1][len("noise"):] for p in POLICIES],
+                          seed=[p.split("/")[2][len("seed"):] for p in POLICIES]),
+        subspace=rules.select_subspace.output.summary,
+    output:
+        expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
+    params:
+        scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **rule_resources("report"),
+    log:
+        "results/logs/report_figures.log",
+    benchmark:
+        "results/benchmarks/report_figures.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
+        " --subspace {input.subspace} --figures results/figures {params.scatter} > {log} 2>&1"
+
+
+def report_optional_inputs():
+    """Inputs present only in some runs: judge agreement (2+ judges), the reward-level stage."""
+    extra = {}
+    if len(JUDGES) >= 2:
+        extra["judge_agreement"] = "results/tables/judge_agreement.csv"
+    if USES_REWARD:
+        extra["reward_metrics"] = "results/reward/metrics.json"
+        extra["reward_figure"] = "results/figures/reward_soft_labels.png"
+    return extra
+
+
+def report_optional_args(wildcards, input):
+    args = []
+    if "judge_agreement" in input.keys():
+        args.append(f"--judge-agreement {input.judge_agreement}")
+    if "reward_metrics" in input.keys():
+        args.append(f"--reward-metrics {input.reward_metrics}")
+    return " ".join(args)
 
 
 rule report:
     input:
-        summaries=judgements("json", JUDGES[:1]),
+        tables=expand("results/tables/{table}", table=STATS_TABLES),
+        figures=expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
+        model=rules.prepare_model.output.model,
+        probe=rules.train_probe.output.metrics,
+        subspace=rules.select_subspace.output.summary,
+        decontamination=rules.probe_data.output.report,
+        preferences=rules.prepare_preferences.output.summary,
+        noise=expand(rules.inject_noise.output.summary, noise=NOISES, seed=SEEDS),
+        # the local data files are hashed into the report's provenance table
+        sources=local_source_paths(config),
+        **report_optional_inputs(),
     output:
-        csv="results/tables/harmful_rate.csv",
-        markdown="results/tables/harmful_rate.md",
-        figure="results/figures/harmful_rate_vs_noise.png",
+        markdown="results/report.md",
+        html="results/report.html",
+    params:
+        config=as_json(config),
+        figures=lambda wc, input: " ".join(f for f in input.figures if f.endswith(".png"))
+        + (f" {input.reward_figure}" if "reward_figure" in input.keys() else ""),
+        optional=report_optional_args,
+        reference=REPORT["reference_method"],
+        claim=REPORT["claim_method"],
+        alpha=REPORT["alpha"],
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **rule_resources("report"),
     log:
         "results/logs/report.log",
     benchmark:
@@ -15,5 +123,9 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m workflow.report --summaries {input.summaries} --csv {output.csv}"
-        " --markdown {output.markdown} --figure {output.figure} > {log} 2>&1"
+        "python -m workflow.report --config-json {params.config} --tables results/tables --figures {params.figures}"
+        " --reference-method {params.reference} --claim-method {params.claim} --alpha {params.alpha}"
+        " --model-provenance {input.model}/provenance.json --probe-metrics {input.probe} --subspace {input.subspace}"
+        " --decontamination {input.decontamination} --preferences {input.preferences}"
+        " --noise-summaries {input.noise} {params.optional}"
+        " --markdown {output.markdown} --html {output.html} > {log} 2>&1"

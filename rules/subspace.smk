@@ -3,7 +3,7 @@
 
 rule train_probe:
     input:
-        model=rules.prepare_model.output.model,
+        model=start_model(),
         data=rules.probe_data.output.data,
         benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
     output:
@@ -16,9 +16,9 @@ rule train_probe:
         benchmarks=lambda wc, input: " ".join(
             f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(ALL_BENCHMARKS, input.benchmarks)
         ),
-    threads: 2
+    threads: config["resources"]["probe"]["threads"]
     resources:
-        mem_mb=4000,
+        **rule_resources("probe"),
     log:
         "results/logs/train_probe.log",
     benchmark:
@@ -33,7 +33,7 @@ rule train_probe:
 
 rule select_subspace:
     input:
-        model=rules.prepare_model.output.model,
+        model=start_model(),
         direction=rules.train_probe.output.direction,
     output:
         neurons="results/subspace/neurons.safetensors",
@@ -41,8 +41,9 @@ rule select_subspace:
     params:
         percent=config["subspace"]["percent"],
         rank=config["subspace"]["rank"],
+    threads: config["resources"]["probe"]["threads"]
     resources:
-        mem_mb=4000,
+        **rule_resources("probe"),
     log:
         "results/logs/select_subspace.log",
     benchmark:

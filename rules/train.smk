@@ -5,7 +5,7 @@ TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size")
 
 rule reference_logps:
     input:
-        model=rules.prepare_model.output.model,
+        model=start_model(),
         pairs=rules.prepare_preferences.output.train,
     output:
         logps="results/data/preferences/reference_logps.jsonl",
@@ -14,9 +14,9 @@ rule reference_logps:
         settings=as_json(
             {k: config["training"][k] for k in TRAINING_KEYS} | {"prompt_format": config["model"]["prompt_format"]}
         ),
-    threads: 2
+    threads: config["resources"]["reference_logps"]["threads"]
     resources:
-        mem_mb=6000,
+        **rule_resources("reference_logps"),
     log:
         "results/logs/reference_logps.log",
     benchmark:
@@ -30,22 +30,25 @@ rule reference_logps:
 
 rule train_policy:
     input:
-        model=rules.prepare_model.output.model,
+        model=start_model(),
         pairs=rules.inject_noise.output.pairs,
         reference=rules.reference_logps.output.logps,
         # only methods perturbing the probe subspace (or as many random neurons) read it, so
         # changing it does not retrain DPO or the uniform/full controls
         subspace=lambda wc: rules.select_subspace.output.neurons if reads_subspace(wc.method) else [],
+        # reward-level methods only: the reward model's score of every (clean) training pair
+        rewards=lambda wc: rules.train_reward_model.output.rewards if uses_reward(wc.method) else [],
     output:
         policy=directory("results/policies/{method}/noise{noise}/seed{seed}"),
         log="results/policies/{method}/noise{noise}/seed{seed}.train_log.tsv",
     params:
         subspace=lambda wc, input: f"--subspace {input.subspace}" if input.subspace else "",
+        rewards=lambda wc, input: f"--rewards {input.rewards}" if input.rewards else "",
         method=lambda wc: as_json(config["presets"][wc.method]),
         settings=as_json(config["training"] | {"prompt_format": config["model"]["prompt_format"]}),
-    threads: 2
+    threads: config["resources"]["train_policy"]["threads"]
     resources:
-        mem_mb=8000,
+        **rule_resources("train_policy"),
     log:
         "results/logs/train_policy/{method}_noise{noise}_seed{seed}.log",
     benchmark:
@@ -54,5 +57,5 @@ rule train_policy:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.train_policy --model {input.model} --pairs {input.pairs} --reference {input.reference}"
-        " {params.subspace} --method-json {params.method} --training-json {params.settings}"
+        " {params.subspace} {params.rewards} --method-json {params.method} --training-json {params.settings}"
         " --seed {wildcards.seed} --threads {threads} --output {output.policy} --log {output.log} > {log} 2>&1"

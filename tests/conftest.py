@@ -49,6 +49,9 @@ def tiny_config(model_dir: Path) -> dict:
     config["model"]["name_or_path"] = str(model_dir)
     config["preferences"].update(source={"path": str(FIXTURES / "hh_pairs.jsonl.gz")}, n_train=12, n_heldout=4)
     config["noise"]["rates"] = [0.0, 0.25]
+    # the suite's cost must not follow the default's size: two methods, one seed (every preset is trained
+    # by tests/test_reward.py's all-presets DAG test)
+    config["methods"], config["seeds"] = ["dpo", "shapo"], [0]
     config["probe"]["data"].update(unsafe={"path": str(FIXTURES / "probe_unsafe.json")},
                                    safe={"path": str(FIXTURES / "probe_safe.json")}, n_per_class=12)
     config["training"].update(batch_size=4, max_length=64, max_prompt_length=32, lr=1e-3)

@@ -4,7 +4,8 @@ import importlib
 import pytest
 
 STAGES = ["prepare_model", "prepare_preferences", "inject_noise", "prepare_benchmark", "probe_data", "train_probe",
-          "select_subspace", "reference_logps", "train_policy", "generate", "judge", "report"]
+          "select_subspace", "reference_logps", "train_policy", "generate", "judge", "report", "reward_model",
+          "plot_soft_labels", "sft", "judge_agreement", "stats", "figures"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -220,3 +220,81 @@ def test_checkpoint_of_other_inputs_is_ignored(tiny_model_dir, tmp_path):
     fresh = load_model(tiny_model_dir)
     log = train(fresh, tok, recs, DPO, settings, seed=0, checkpointer=Checkpointer(tmp_path / "ckpt", 1, "key-b"))
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # started over instead of resuming at step 3
+
+
+def test_reward_level_shapo_trains_with_soft_labels(tiny_model_dir):
+    from workflow.train_policy import perturbed_set
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = with_reference(model, tok, records())
+    for r, p in zip(recs, (0.9, 0.2, 0.7, 0.4)):
+        r["soft_label"] = p
+    method = {"loss": "dpo", "beta": 0.1, "dr_beta": 1.0, "reward_labels": {"beta_r": 1.0},
+              "sharpness": {"interval": 1, "subspace": "uniform", "perturbation": "raw", "gamma_min": 1e-3,
+                            "gamma_max": 1e-3}}
+    log = train(model, tok, recs, method, SETTINGS, 0, perturbed_set(model, method["sharpness"], None, 0))
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-3  # h = 0 at step 1: cross-entropy log 2 whatever p
+    assert all(r["sharpness_step"] and math.isfinite(r["loss_perturbed"]) for r in log)
+
+
+def test_every_preset_trains_in_the_dag(tiny_model_dir, tmp_path):
+    """Every preset of config.yaml through the real Snakemake DAG on the tiny model (one noise rate, one seed)."""
+    import numpy as np
+    import pandas as pd
+
+    from conftest import run_snakemake, tiny_config, write_config
+    from test_reward import check_reward_outputs
+
+    config = tiny_config(tiny_model_dir)
+    presets = sorted(config["presets"])
+    assert {"dpo", "shapo", "shapo_reward", "dpo_reward", "drdpo", "drshapo", "shapo_random", "shapo_uniform"} <= set(presets)
+    config["methods"], config["noise"]["rates"], config["seeds"] = presets, [0.25], [0]
+    config["training"]["batch_size"] = 2  # 6 steps: every sharpness preset (interval 5) takes a sharpness-aware step
+    # one thread per job so the 2 cores train two tiny policies at a time (the jobs are mostly start-up)
+    config["resources"] = {g: {"threads": 1} for g in ("train_policy", "reference_logps", "train_reward_model", "probe")}
+    write_config(tmp_path, config)
+    run_snakemake(tmp_path, *[f"results/policies/{m}/noise0.25/seed0" for m in presets],
+                  "results/figures/reward_soft_labels.png", "results/figures/reward_soft_labels.pdf")
+    for m in presets:
+        folder = tmp_path / f"results/policies/{m}/noise0.25/seed0"
+        assert (folder / "model.safetensors").exists(), m
+        log = pd.read_csv(f"{folder}.train_log.tsv", sep="\t")
+        assert len(log) == 6 and np.isfinite(log["loss"]).all(), m
+        sharp = config["presets"][m].get("sharpness")
+        assert log["sharpness_step"].tolist() == [bool(sharp) and s % sharp["interval"] == 0 for s in log["step"]], m
+        trained = json.loads((folder / "training_config.json").read_text())["method"]
+        assert all(trained[k] == v for k, v in config["presets"][m].items() if k != "sharpness"), m
+        assert bool(sharp) == ("sharpness" in trained), m  # the preset (plus the schema's defaults) reached the job
+    check_reward_outputs(tmp_path)  # reward-level presets: the reward model and the soft-label figure
+
+
+def test_lora_shapo_perturbs_the_frozen_base_columns_and_saves_a_merged_model(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from workflow import train_policy
+    from workflow.files import write_jsonl
+    from workflow.reference_logps import score_pairs
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = records()
+    write_jsonl(tmp_path / "pairs.jsonl", recs)
+    write_jsonl(tmp_path / "reference.jsonl", score_pairs(model, tok, recs, SETTINGS))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    method = {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 1, "subspace": "uniform", "perturbation": "raw",
+                                                        "gamma_min": 1e-2, "gamma_max": 1e-2}}
+    train_policy.main(["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+                       "--reference", str(tmp_path / "reference.jsonl"), "--method-json", json.dumps(method),
+                       "--training-json", json.dumps(SETTINGS | {"lora": lora, "checkpoint_every": 0}),
+                       "--seed", "0", "--output", str(tmp_path / "policy"), "--log", str(tmp_path / "log.tsv")])
+    import pandas as pd
+
+    log = pd.read_csv(tmp_path / "log.tsv", sep="\t")
+    assert log["sharpness_step"].all() and (log["loss_perturbed"] != log["loss"]).all()  # the base columns moved
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged = load_file(tmp_path / "policy" / "model.safetensors")
+    assert merged.keys() == base.keys()  # an ordinary model, adapters merged
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    # only the adapted projections differ: down_proj, perturbed at every step, was restored bit-exactly
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    assert load_model(tmp_path / "policy") is not None

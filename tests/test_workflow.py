@@ -63,6 +63,7 @@ def test_changed_parameter_reruns_only_the_affected_part(reference_run, tmp_path
     yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
     proc = run_snakemake(workdir)
     ran = sorted(jobs_run(proc))
-    assert ran == sorted(["train_policy"] * 2 + ["generate"] * 4 + ["judge"] * 4 + ["report", "all"])
+    assert ran == sorted(["train_policy"] * 2 + ["generate"] * 4 + ["judge"] * 4
+                         + ["report_tables", "report_figures", "report", "all"])
     assert (workdir / "results/policies/dpo/noise0/seed0/model.safetensors").stat().st_mtime_ns == dpo_weights
     assert len(read_table(workdir)) == len(before)

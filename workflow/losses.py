@@ -24,6 +24,7 @@ class PairLogps:
     reference_rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    soft_labels: torch.Tensor | None = None  # reward-level methods: p per pair (chosen preferred)
 
     @property
     def h(self) -> torch.Tensor:
@@ -72,8 +73,18 @@ LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "simpo")
 
 
 def pair_losses(method: dict, logps: PairLogps) -> torch.Tensor:
-    """Per-pair loss [B] of a method preset (``loss``, ``beta`` and the loss's own parameter)."""
+    """Per-pair loss [B] of a method preset (``loss``, ``beta`` and the loss's own parameter).
+
+    A preset with ``reward_labels`` is reward-level: the DPO loss's hard label 1 is replaced by
+    the pair's soft label p from a reward model (``logps.soft_labels``).
+    """
     kind, beta = method["loss"], method["beta"]
+    if "reward_labels" in method:
+        if kind != "dpo":
+            raise ValueError(f"reward_labels replace the DPO label; a reward-level preset needs loss dpo, not {kind!r}")
+        if logps.soft_labels is None:
+            raise ValueError("a reward-level preset (reward_labels) needs soft labels from the reward model")
+        return soft_label_loss(logps.h, beta, logps.soft_labels)
     if kind == "dpo":
         return dpo_loss(logps.h, beta)
     if kind == "cdpo":

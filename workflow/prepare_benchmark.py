@@ -4,8 +4,15 @@
         --spec-json '{"source": {"path": "../shared/data/harmbench/harmbench_behaviors_text_all.csv"}, "prompt_column": "Behavior", "category_column": "SemanticCategory", "filter": {"FunctionalCategory": "standard"}}' \
         --n-sample 48 --seed 0 --all results/data/benchmarks/harmbench/all.jsonl --sample results/data/benchmarks/harmbench/sample.jsonl
 
+A benchmark is either read from a source (a local CSV/JSON/JSONL/parquet file or folder, a hub id,
+or a workflow output under ``results/``) with a prompt column, an optional category column, an
+optional context column (HarmBench contextual behaviours: the context string is put before the
+behaviour as HarmBench does) and an optional row filter; or it is another benchmark's prompts
+wrapped in jailbreak templates (``jailbreak:``, see ``workflow/wrap_jailbreaks.py``; pass the base
+benchmark's ``all.jsonl`` with ``--base-prompts``).
+
 ``all.jsonl`` (every prompt) is what the probe set is de-duplicated against; ``sample.jsonl``
-is what the models answer. Records: ``id, prompt, category``.
+is what the models answer. Records: ``id, prompt, category`` (+ ``template`` for wrapped sets).
 """
 from __future__ import annotations
 
@@ -13,14 +20,18 @@ import argparse
 import json
 import random
 
-from workflow.files import write_jsonl
+from workflow.files import read_jsonl, write_jsonl
 from workflow.sources import SourceError, load_rows, require_columns
+from workflow.wrap_jailbreaks import wrap_prompts
+
+# HarmBench joins a contextual behaviour's context and request like this (baselines' direct request).
+CONTEXT_SEPARATOR = "\n\n---\n\n"
 
 
 def benchmark_prompts(rows: list[dict], spec: dict, name: str) -> list[dict]:
     what = f"benchmarks.{name}"
-    columns = [spec["prompt_column"]] + ([spec["category_column"]] if spec.get("category_column") else [])
-    require_columns(rows, columns + list(spec.get("filter", {})), what)
+    optional = [spec[k] for k in ("category_column", "context_column") if spec.get(k)]
+    require_columns(rows, [spec["prompt_column"], *optional, *spec.get("filter", {})], what)
     out = []
     for i, row in enumerate(rows):
         if any(str(row[k]) != str(v) for k, v in spec.get("filter", {}).items()):
@@ -28,8 +39,14 @@ def benchmark_prompts(rows: list[dict], spec: dict, name: str) -> list[dict]:
         prompt = row[spec["prompt_column"]]
         if not isinstance(prompt, str) or not prompt.strip():
             raise SourceError(f"{what}: row {i}: empty or non-text prompt in column {spec['prompt_column']!r}")
-        out.append({"id": f"{name}-{i}", "prompt": prompt.strip(),
-                    "category": str(row[spec["category_column"]]) if spec.get("category_column") else ""})
+        prompt = prompt.strip()
+        context = row[spec["context_column"]] if spec.get("context_column") else None
+        if isinstance(context, str) and context.strip():
+            prompt = f"{context.strip()}{CONTEXT_SEPARATOR}{prompt}"
+        category = row[spec["category_column"]] if spec.get("category_column") else ""
+        if isinstance(category, (list, tuple)):  # some hub sets store a list of categories
+            category = ",".join(map(str, category))
+        out.append({"id": f"{name}-{i}", "prompt": prompt, "category": "" if category is None else str(category)})
     if not out:
         raise SourceError(f"{what}: no prompts left after filter {spec.get('filter')}")
     return out
@@ -43,18 +60,30 @@ def sample_prompts(prompts: list[dict], n: int, seed: int) -> list[dict]:
     return [prompts[i] for i in keep]
 
 
+def build_prompts(spec: dict, name: str, base_prompts: str | None = None) -> list[dict]:
+    """Every prompt of one benchmark config entry."""
+    if "jailbreak" in spec:
+        if not base_prompts:
+            raise SystemExit(f"benchmarks.{name}: a jailbreak-wrapped set needs --base-prompts (the base benchmark's all.jsonl)")
+        jb = spec["jailbreak"]
+        templates = load_rows(jb["templates"], what=f"benchmarks.{name}.jailbreak.templates")
+        return wrap_prompts(read_jsonl(base_prompts), templates, jb, name)
+    return benchmark_prompts(load_rows(spec["source"], what=f"benchmarks.{name}.source"), spec, name)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--spec-json", required=True, help="the benchmark's config entry as JSON")
     p.add_argument("--n-sample", type=int, required=True, help="prompts to answer (0 = all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-prompts", help="all.jsonl of the base benchmark (jailbreak-wrapped sets only)")
     p.add_argument("--all", required=True)
     p.add_argument("--sample", required=True)
     a = p.parse_args(argv)
 
     spec = json.loads(a.spec_json)
-    prompts = benchmark_prompts(load_rows(spec["source"], what=f"benchmarks.{a.name}.source"), spec, a.name)
+    prompts = build_prompts(spec, a.name, a.base_prompts)
     sample = sample_prompts(prompts, a.n_sample, a.seed)
     write_jsonl(a.all, prompts)
     write_jsonl(a.sample, sample)

@@ -7,6 +7,10 @@
 Subspace selection must be decided on data disjoint from the evaluation, and the default
 source (refusal-direction instructions) shares prompts with AdvBench and HarmBench, so any
 text whose normalised form equals an evaluation prompt is removed and the count reported.
+
+With ``"format": "pku-saferlhf"`` the spec has one ``source`` of PKU-SafeRLHF rows instead: each
+response (after its prompt) is a text labelled by ``is_response_<i>_safe`` (the paper's probe),
+and rows whose prompt is an evaluation or held-out prompt are dropped.
 """
 from __future__ import annotations
 
@@ -67,6 +71,37 @@ def load_texts(source: dict, column: str, what: str) -> list[str]:
     return list(dict.fromkeys(texts))  # exact duplicates within a class carry no information
 
 
+def pku_response_texts(rows: list[dict], excluded: dict[str, list[str]], what: str):
+    """PKU-SafeRLHF rows -> (unsafe texts, safe texts, removed per excluded set, prompts kept).
+
+    Each response is one text, ``prompt\n\nresponse``, labelled by ``is_response_<i>_safe``.
+    A row whose prompt matches an excluded prompt (a benchmark or a held-out preference prompt,
+    which may come from the same data set) is dropped whole and counted per set.
+    """
+    columns = ["prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe"]
+    require_columns(rows, columns, what)
+    banned = {name: {normalise(p) for p in prompts} for name, prompts in excluded.items()}
+    removed = {name: 0 for name in excluded}
+    texts = {"unsafe": [], "safe": []}
+    prompts = []
+    for i, row in enumerate(rows):
+        prompt = str(row["prompt"]).strip()
+        hits = [name for name, b in banned.items() if normalise(prompt) in b]
+        for name in hits:
+            removed[name] += 1
+        if hits:
+            continue
+        prompts.append(prompt)
+        for k in (0, 1):
+            flag = row[f"is_response_{k}_safe"]
+            if not isinstance(flag, bool) and flag not in (0, 1, "true", "false", "True", "False"):
+                raise SourceError(f"{what}: row {i}: is_response_{k}_safe must be true or false, got {flag!r}")
+            response = str(row[f"response_{k}"]).strip()
+            if response:
+                texts["safe" if str(flag).lower() in ("true", "1") else "unsafe"].append(f"{prompt}\n\n{response}")
+    return ({c: list(dict.fromkeys(t)) for c, t in texts.items()}, removed, prompts)
+
+
 def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int) -> list[dict]:
     """Balanced, seeded sample: ``min(n_per_class, |unsafe|, |safe|)`` texts per class."""
     n = min(n_per_class, len(unsafe), len(safe))
@@ -93,13 +128,24 @@ def main(argv=None):
         excluded[name] = [r["prompt"] for r in read_jsonl(path)]
     report = []
     classes = {}
-    for label in ("unsafe", "safe"):
-        texts = load_texts(spec[label], spec["text_column"], f"probe.data.{label}")
-        kept, removed = decontaminate(texts, excluded)
-        assert_disjoint(kept, excluded, f"probe.data.{label}")
-        classes[label] = kept
-        report += [{"class": label, "benchmark": b, "removed": n, "read": len(texts), "kept": len(kept)}
+    if spec.get("format", "texts") == "pku-saferlhf":
+        what = f"probe.data.source ({spec['source'].get('path') or spec['source'].get('hub')})"
+        rows = load_rows(spec["source"], what=what)
+        classes, removed, prompts = pku_response_texts(rows, excluded, what)
+        assert_disjoint(prompts, excluded, what)
+        report += [{"class": "rows", "benchmark": b, "removed": n, "read": len(rows), "kept": len(prompts)}
                    for b, n in removed.items()]
+        for label in ("unsafe", "safe"):
+            if not classes[label]:
+                raise SourceError(f"{what}: no {label} responses left after de-duplication")
+    else:
+        for label in ("unsafe", "safe"):
+            texts = load_texts(spec[label], spec["text_column"], f"probe.data.{label}")
+            kept, removed = decontaminate(texts, excluded)
+            assert_disjoint(kept, excluded, f"probe.data.{label}")
+            classes[label] = kept
+            report += [{"class": label, "benchmark": b, "removed": n, "read": len(texts), "kept": len(kept)}
+                       for b, n in removed.items()]
     rows = build_probe_set(classes["unsafe"], classes["safe"], spec["n_per_class"], spec["seed"])
     write_jsonl(a.output, rows)
     write_tsv(a.report, pd.DataFrame(report, columns=["class", "benchmark", "removed", "read", "kept"]))

@@ -1,94 +1,308 @@
-"""Collect judge summaries into the harmful-rate table and the harmful-rate-vs-noise figure.
+"""Assemble results/report.md and results/report.html: every table and figure, provenance and a plain verdict.
 
-    python -m workflow.report --summaries results/judgements/*/*.json ... \
-        --csv results/tables/harmful_rate.csv --markdown results/tables/harmful_rate.md \
-        --figure results/figures/harmful_rate_vs_noise.png
+    python -m workflow.report --config-json '{...}' --tables results/tables --figures results/figures/*.png \
+        --model-provenance results/models/base/provenance.json --probe-metrics ... --decontamination ... \
+        --subspace ... --preferences ... --noise-summaries ... [--judge-agreement ...] [--reward-metrics ...] \
+        --markdown results/report.md --html results/report.html
 
-Rows: method × noise rate × benchmark (mean and standard deviation over seeds), plus the
-untrained base model as the reference row (method ``base``, no noise rate).
+The tables come from ``workflow.stats`` and the figures from ``workflow.figures``; this module only
+reads, formats and writes. The HTML page is self-contained (figures embedded as base64 PNG, the PDF
+next to each PNG is linked by relative path); report.md links the figures by relative path.
+The paragraph "What the numbers say" is written by ``claim_statement`` from the comparisons table.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from workflow.files import read_json, write_text
+from workflow.provenance import source_files
+from workflow.stats import comparisons_display, fmt_noise, main_table_wide, markdown
 
-from workflow.files import atomic_path, read_json, write_text  # noqa: E402
-
-
-def harmful_rate_table(summaries: list[dict]) -> pd.DataFrame:
-    """One row per (method, noise, benchmark): mean/std harmful rate over seeds, seeds and prompts."""
-    frame = pd.DataFrame(summaries)
-    frame["noise"] = pd.to_numeric(frame["noise"], errors="coerce")
-    table = (frame.groupby(["method", "noise", "benchmark"], dropna=False)
-             .agg(harmful_rate=("harmful_rate", "mean"), std=("harmful_rate", "std"),
-                  seeds=("harmful_rate", "size"), prompts=("n", "first"))
-             .reset_index())
-    table["std"] = table["std"].fillna(0.0)
-    base_first = table["method"].ne("base")
-    return table.assign(_order=base_first).sort_values(["_order", "method", "noise", "benchmark"]).drop(columns="_order")
+PACKAGES = ["torch", "transformers", "accelerate", "safetensors", "datasets", "gguf", "numpy", "pandas", "scipy",
+            "statsmodels", "scikit-learn", "matplotlib", "snakemake"]
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """Benchmarks as columns, ``rate ± std`` cells (std shown only with several seeds)."""
-    cell = table.apply(lambda r: f"{r.harmful_rate:.3f}" + (f" ± {r['std']:.3f}" if r.seeds > 1 else ""), axis=1)
-    wide = (table.assign(cell=cell, noise=table["noise"].map(lambda x: "—" if pd.isna(x) else f"{x:.2f}"))
-            .pivot_table(index=["method", "noise"], columns="benchmark", values="cell", aggfunc="first", sort=False)
-            .reset_index())
-    header = "| " + " | ".join(wide.columns) + " |"
-    rule = "|" + "---|" * len(wide.columns)
-    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
-    seeds = int(table.loc[table.method.ne("base"), "seeds"].max()) if table.method.ne("base").any() else 1
-    return "\n".join([f"Harmful rate (fraction of answers judged unsafe; {seeds} seed(s) per trained cell)", "",
-                      header, rule, *rows]) + "\n"
+# -------------------------------------------------------------------------------------------- provenance
+def package_versions() -> pd.DataFrame:
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for name in PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not in the report environment)"
+        rows.append({"package": name, "version": version})
+    return pd.DataFrame(rows)
 
 
-def plot_harmful_rate(table: pd.DataFrame, path) -> None:
-    benchmarks = sorted(table.benchmark.unique())
-    fig, axes = plt.subplots(1, len(benchmarks), figsize=(4.5 * len(benchmarks), 3.6), squeeze=False, sharey=True)
-    methods = sorted(table.loc[table.method != "base", "method"].unique())
-    noises = table.noise.dropna()
-    # methods with equal rates would hide each other: offset each a little along x, own marker and dash
-    step = 0.012 * ((noises.max() - noises.min()) or 1.0)
-    for ax, bench in zip(axes[0], benchmarks):
-        sub = table[table.benchmark == bench]
-        for i, method in enumerate(methods):
-            rows = sub[sub.method == method].sort_values("noise")
-            ax.errorbar(rows.noise + (i - (len(methods) - 1) / 2) * step, rows.harmful_rate, yerr=rows["std"],
-                        marker="osD^v<>"[i % 7], linestyle=["-", "--", "-.", ":"][i % 4], capsize=3, label=method)
-        base = sub[sub.method == "base"]
-        if len(base):
-            ax.axhline(base.harmful_rate.iloc[0], color="grey", linestyle="--", label="base (untrained)")
-        ax.set_title(bench)
-        ax.set_xlabel("noise rate ε")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("harmful rate")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+# ------------------------------------------------------------------------------------------- the verdict
+def _cells(rows: pd.DataFrame) -> str:
+    parts = [f"{r.benchmark} at ε = {r.noise:g} ({r.diff:+.3f}, 95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+             f"Holm p = {r.p_holm:.2g})" for r in rows.itertuples()]
+    return "; ".join(parts)
+
+
+def claim_statement(comp: pd.DataFrame, rates: pd.DataFrame, reference: str, claim_method: str,
+                    alpha: float) -> str:
+    """One plain paragraph on the paper's claim (the claim method lowers the harmful rate under label noise
+    relative to the reference), written from the comparisons of the primary judge."""
+    trained = rates[rates.method.ne("base")]
+    if trained.empty:
+        return "No trained policy was evaluated, so the numbers say nothing about the claim."
+    seeds, prompts = int(trained.seeds.max()), int(trained.prompts.min())
+    most = int(trained.prompts.max())
+    size = f"{seeds} seed(s) and {prompts if prompts == most else f'{prompts}–{most}'} prompts per benchmark"
+    if comp.empty:
+        return (f"The reference method {reference!r} was not trained in this run, so no method was compared with it "
+                f"and the numbers cannot test the claim ({size}).")
+    methods = list(dict.fromkeys(comp.method))
+    focus = claim_method if claim_method in methods else None
+    harmful = comp[comp.kind == "harmful"]
+    harmless = comp[comp.kind == "harmless"]
+    text = []
+    if focus is None:
+        text.append(f"The claim concerns {claim_method!r}, which was not trained in this run; the other methods "
+                    f"are compared with {reference!r} below.")
+    for method in ([focus] if focus else []) + [m for m in methods if m != focus]:
+        h = harmful[harmful.method == method]
+        noisy = h[h.noise > 0]
+        lower, higher = noisy[noisy.significant & (noisy["diff"] < 0)], noisy[noisy.significant & (noisy["diff"] > 0)]
+        clean = h[(h.noise == 0) & h.significant]
+        if noisy.empty:
+            sentence = f"{method} was not evaluated under label noise (no noise rate above 0)."
+        elif lower.empty and higher.empty:
+            sentence = (f"Under label noise, no difference in harmful rate between {method} and {reference} is "
+                        f"significant (Holm-adjusted paired bootstrap, α = {alpha}) in any of the {len(noisy)} "
+                        f"benchmark × noise cells; the differences range from {noisy['diff'].min():+.3f} to "
+                        f"{noisy['diff'].max():+.3f}.")
+        else:
+            sentence = f"Under label noise, {method}"
+            if len(lower):
+                sentence += f" has a significantly lower harmful rate than {reference} on {_cells(lower)}"
+            if len(higher):
+                sentence += (" but" if len(lower) else "") + \
+                    f" a significantly higher harmful rate on {_cells(higher)}"
+            rest = len(noisy) - len(lower) - len(higher)
+            sentence += f"; {rest} other benchmark × noise cell(s) show no significant difference." if rest else "."
+        if len(clean):
+            sentence += f" Without noise it differs significantly on {_cells(clean)}."
+        r = harmless[(harmless.method == method) & harmless.significant]
+        if len(r):
+            sentence += f" Its over-refusal (refusal rate on harmless prompts) differs significantly on {_cells(r)}."
+        if method == focus:
+            verdict = ("supported by this run" if len(lower) and higher.empty else
+                       "contradicted by this run" if len(higher) and lower.empty else
+                       "mixed in this run" if len(lower) and len(higher) else "not shown by this run")
+            sentence = f"The paper's claim ({method} lowers the harmful rate under label noise relative to " \
+                       f"{reference}) is {verdict}. " + sentence
+        text.append(sentence)
+    # worst-case (rates near 0.5) standard error of a difference of two rates on n prompts x s seeds
+    detectable = 1.96 * math.sqrt(0.5 / (prompts * seeds))
+    widths = (comp["ci_high"] - comp["ci_low"]) / 2
+    text.append(f"The run has {size}: a difference must be about {detectable:.2f} or larger to be detected "
+                f"(1.96·√(0.5/(prompts·seeds))); the observed 95% CIs of the differences are ±{widths.mean():.2f} "
+                "wide on average" + (" — the sample is too small to separate the methods by the effect sizes the "
+                                     "paper reports." if detectable > 0.1 else "."))
+    return " ".join(text)
+
+
+# --------------------------------------------------------------------------------------------- rendering
+class Document:
+    """Blocks rendered both as markdown and as one self-contained HTML page."""
+
+    def __init__(self, title: str, root: Path):
+        self.title, self.root, self.blocks = title, root, []
+
+    def heading(self, text: str):
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str):
+        self.blocks.append(("p", text))
+
+    def table(self, frame: pd.DataFrame, caption: str = ""):
+        self.blocks.append(("table", frame, caption))
+
+    def code(self, text: str):
+        self.blocks.append(("pre", text))
+
+    def figure(self, path: str, caption: str):
+        self.blocks.append(("figure", Path(path), caption))
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.root)
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}\n"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h2":
+                out.append(f"## {block[1]}\n")
+            elif kind == "p":
+                out.append(block[1] + "\n")
+            elif kind == "table":
+                out.append((f"{block[2]}\n\n" if block[2] else "") + markdown(block[1].astype(object).where(block[1].notna(), "")))
+            elif kind == "pre":
+                out.append(f"```\n{block[1].rstrip()}\n```\n")
+            elif kind == "figure":
+                pdf = block[1].with_suffix(".pdf")
+                out.append(f"![{block[2]}]({self.rel(block[1])})\n\n*{block[2]}*"
+                           + (f" ([PDF]({self.rel(pdf)}))" if pdf.exists() else "") + "\n")
+        return "\n".join(out)
+
+    def html(self) -> str:
+        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h2":
+                anchor = html.escape(block[1].lower().replace(" ", "-"))
+                body.append(f'<h2 id="{anchor}">{html.escape(block[1])}</h2>')
+            elif kind == "p":
+                body.append(f"<p>{html.escape(block[1])}</p>")
+            elif kind == "table":
+                caption = f"<p class='caption'>{html.escape(block[2])}</p>" if block[2] else ""
+                body.append(caption + block[1].to_html(index=False, na_rep="", border=0, classes="t"))
+            elif kind == "pre":
+                body.append(f"<pre>{html.escape(block[1])}</pre>")
+            elif kind == "figure":
+                data = base64.b64encode(block[1].read_bytes()).decode()
+                pdf = block[1].with_suffix(".pdf")
+                link = f' (<a href="{html.escape(self.rel(pdf))}">PDF</a>)' if pdf.exists() else ""
+                body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{html.escape(block[2])}{link}</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+                 "table.t{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
+                 "table.t td,table.t th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+                 "img{max-width:100%}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.8em}"
+                 ".caption{font-style:italic;margin-bottom:0}")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+FIGURE_CAPTIONS = {
+    "harmful_rate_vs_noise": "Harmful rate (refusal rate for over-refusal sets) against the noise rate, per "
+                             "benchmark; error bars: 95% bootstrap CI over prompts and seeds; grey: base model",
+    "training_curves": "Training loss and pair accuracy on clean (solid) vs flipped (dashed) pairs, mean over seeds",
+    "subspace_neurons": "Probe-selected MLP neurons per layer",
+    "refusal_vs_harmful": "Over-refusal (refusal rate on harmless prompts) against harmful rate, per method "
+                          "and noise rate",
+    "reward_soft_labels": "Reward-level: distribution of reward differences and the soft labels they give",
+}
+
+
+def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
+    column = categories.method + categories.noise.map(lambda n: "" if pd.isna(n) else f" ε={n:g}")
+    return (categories.assign(column=column, rate=categories.rate.map(lambda r: f"{r:.2f}"))
+            .pivot_table(index=["benchmark", "category"], columns="column", values="rate", aggfunc="first",
+                         sort=False).reset_index().rename_axis(columns=None))
+
+
+def build(a) -> Document:
+    config = json.loads(a.config_json)
+    tables = Path(a.tables)
+    rep = config.get("report", {})
+    reference, claim_method, alpha = a.reference_method, a.claim_method, a.alpha
+    judges = config["evaluation"]["judges"]
+    rates = pd.read_csv(tables / "harmful_rate.csv")
+    comp_all = pd.read_csv(tables / "comparisons.csv")
+    comp = comp_all[comp_all.judge == judges[0]] if len(comp_all) else comp_all
+    doc = Document("ShaPO reproduction: report", Path(a.markdown).parent)
+
+    doc.heading("What the numbers say")
+    doc.text(claim_statement(comp, rates, reference, claim_method, alpha))
+
+    doc.heading("Main table")
+    doc.table(main_table_wide(rates), f"Primary judge {judges[0]}. Harmful rate (fraction of answers judged "
+              "unsafe) for harmful benchmarks, refusal rate for over-refusal benchmarks; mean ± std over seeds "
+              f"[{rep.get('ci_level', 0.95):.0%} bootstrap CI over prompts and seeds].")
+
+    doc.heading(f"Comparisons with {reference}")
+    doc.text(f"Each method against {reference} at the same noise rate, paired on the same prompts and seeds. "
+             "diff = method − reference with a paired-bootstrap CI (prompts and seeds resampled together); p: "
+             "two-sided paired-bootstrap p-value pooled over seeds; p (Holm): adjusted over all comparisons of "
+             f"the primary judge; sig.: * / ** / *** for Holm p < 0.05 / 0.01 / 0.001. McNemar's test per seed "
+             "(exact binomial under 25 discordant pairs) is in results/tables/mcnemar_by_seed.csv; the column "
+             "shows its smallest unadjusted p over seeds. With B bootstrap draws the smallest p is 2/(B+1).")
+    doc.table(comparisons_display(comp))
+
+    doc.heading("Figures")
+    for fig in a.figures:
+        doc.figure(fig, FIGURE_CAPTIONS.get(Path(fig).stem, Path(fig).stem))
+
+    doc.heading("Per-category rates")
+    doc.table(category_wide(pd.read_csv(tables / "categories.csv")),
+              f"Metric of each benchmark per category (primary judge), mean over seeds.")
+
+    doc.heading("Judge agreement")
+    if a.judge_agreement:
+        doc.table(pd.read_csv(a.judge_agreement), "Pairwise agreement and Cohen's kappa per benchmark.")
+        by_judge = pd.read_csv(tables / "rates_by_judge.csv")
+        by_judge = by_judge.assign(noise=by_judge.noise.map(fmt_noise), rate=by_judge.rate.map(lambda r: f"{r:.3f}"))
+        doc.table(by_judge.pivot_table(index=["method", "noise", "benchmark"], columns="judge", values="rate",
+                                       aggfunc="first", sort=False).reset_index().rename_axis(columns=None),
+                  "Metric per judge (mean over seeds).")
+    else:
+        doc.text(f"One judge only ({judges[0]}): no agreement to report.")
+
+    if a.reward_metrics:
+        doc.heading("Reward-level training")
+        doc.code(json.dumps(read_json(a.reward_metrics), indent=2))
+
+    doc.heading("Probe, subspace and decontamination")
+    doc.code(json.dumps(read_json(a.probe_metrics), indent=2))
+    doc.table(pd.read_csv(a.subspace, sep="\t"), "Selected neurons per layer (results/subspace/summary.tsv).")
+    doc.table(pd.read_csv(a.decontamination, sep="\t"), "Decontamination: probe texts read, removed for overlap "
+              "with each benchmark or the held-out preference prompts, and kept (results/probe/decontamination.tsv).")
+
+    doc.heading("Training data and label noise")
+    doc.code(json.dumps(read_json(a.preferences), indent=2))
+    noise = pd.DataFrame([read_json(p) | {"file": p} for p in a.noise_summaries])
+    doc.table(noise, "Realised label noise per noise rate and seed.")
+
+    doc.heading("Provenance")
+    doc.text("Model (results/models/base/provenance.json):")
+    doc.code(json.dumps(read_json(a.model_provenance), indent=2))
+    doc.table(pd.DataFrame(source_files(config), columns=["config key", "source", "file", "sha256"]), "Data sources: config key, source, file and its sha256.")
+    doc.table(package_versions(), "Package versions of the environment that rendered this report.")
+
+    doc.heading("Configuration")
+    doc.code(yaml.safe_dump(config, sort_keys=False))
+    return doc
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--summaries", nargs="+", required=True, help="judge summary JSON files")
-    p.add_argument("--csv", required=True)
+    p.add_argument("--config-json", required=True, help="the run's config (as JSON)")
+    p.add_argument("--tables", required=True, help="folder of the workflow.stats tables")
+    p.add_argument("--figures", nargs="+", required=True, help="PNG figures (the PDF beside each is linked)")
+    p.add_argument("--reference-method", required=True)
+    p.add_argument("--claim-method", required=True, help="method the paper's claim is about")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--model-provenance", required=True)
+    p.add_argument("--probe-metrics", required=True)
+    p.add_argument("--subspace", required=True)
+    p.add_argument("--decontamination", required=True)
+    p.add_argument("--preferences", required=True, help="results/data/preferences/summary.json")
+    p.add_argument("--noise-summaries", nargs="+", required=True)
+    p.add_argument("--judge-agreement", help="results/tables/judge_agreement.csv (with two judges or more)")
+    p.add_argument("--reward-metrics", help="results/reward/metrics.json (reward-level methods)")
     p.add_argument("--markdown", required=True)
-    p.add_argument("--figure", required=True)
+    p.add_argument("--html", required=True)
     a = p.parse_args(argv)
 
-    table = harmful_rate_table([read_json(s) for s in a.summaries])
-    with atomic_path(a.csv) as tmp:
-        table.to_csv(tmp, index=False)
-    write_text(a.markdown, markdown_table(table))
-    plot_harmful_rate(table, a.figure)
-    print(markdown_table(table))
+    doc = build(a)
+    write_text(a.markdown, doc.markdown())
+    write_text(a.html, doc.html())
+    print(doc.markdown()[:4000])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Preference-train a policy with DPO or token-level ShaPO on a (noisy) preference set.
+"""Preference-train a policy with DPO, token-level or reward-level ShaPO on a (noisy) preference set.
 
     python -m workflow.train_policy --model results/models/base --pairs results/data/noisy/noise0.4/seed0.jsonl \
         --reference results/data/preferences/reference_logps.jsonl --subspace results/subspace/neurons.safetensors \
@@ -10,7 +10,9 @@ Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gr
 the perturbed weights (``subspace``: probe-selected neurons, random, uniform or all) moved
 uphill (``raw`` γ·g with γ ~ U[γ_min, γ_max], or ``normalized`` ρ·g/‖g‖), loss and gradients
 again at that point, weights restored exactly, and the optimizer step taken with the second
-gradients. Checkpoints every ``checkpoint_every`` steps let a killed job resume.
+gradients. A method with ``reward_labels`` is reward-level: each pair's label is the soft label
+p = σ(β_r·(r_chosen − r_rejected)) from ``--rewards`` (workflow.reward_model) and the loss the
+cross-entropy between p and σ(β·h). Checkpoints every ``checkpoint_every`` steps let a killed job resume.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, safe_open
 
 from workflow.checkpoint import Checkpointer, file_digest, fingerprint
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses
+from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses, soft_labels
 from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
 from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
 from workflow.select_subspace import split_by_layer
@@ -98,11 +100,32 @@ def attach_reference(records: list[dict], reference_rows: list[dict], path: str)
             raise ValueError(f"{path}: no reference log-probs for pair {r['pair_id']!r}; rerun reference_logps") from None
 
 
+def attach_soft_labels(records: list[dict], reward_rows: list[dict], beta_r: float, path: str) -> None:
+    """Add ``soft_label`` p = σ(β_r·(r_chosen − r_rejected)) to each record, in the record's own orientation.
+
+    The reward file scores the clean pairs; noise swaps chosen and rejected of the ``flipped``
+    pairs, so their rewards are swapped too (the reward model does not see the noise). The
+    answers' text keys are checked, so a reward file of other pairs fails here.
+    """
+    by_id = {r["pair_id"]: r for r in reward_rows}
+    for r in records:
+        row = by_id.get(r["pair_id"])
+        if row is None:
+            raise ValueError(f"{path}: no rewards for pair {r['pair_id']!r}; rerun train_reward_model")
+        r_chosen, r_rejected, keys = row["r_chosen"], row["r_rejected"], (row["chosen_key"], row["rejected_key"])
+        if r.get("flipped", False):
+            r_chosen, r_rejected, keys = r_rejected, r_chosen, keys[::-1]
+        if keys != (text_key(r["chosen"]), text_key(r["rejected"])):
+            raise ValueError(f"{path}: pair {r['pair_id']!r} was scored with other answers; rerun train_reward_model")
+        r["soft_label"] = float(soft_labels(torch.tensor(r_chosen), torch.tensor(r_rejected), beta_r))
+
+
 def preference_loss(model, batch: dict, records: list[dict], method: dict):
     """(batch loss, h [B]) for one batch under the method's loss and reduction."""
     logps, counts, n = sequence_logps(model, batch), answer_token_counts(batch), len(records)
+    labels = torch.tensor([r["soft_label"] for r in records]) if "reward_labels" in method else None
     pair = PairLogps(logps[:n], logps[n:], torch.tensor([r["ref_chosen"] for r in records]),
-                     torch.tensor([r["ref_rejected"] for r in records]), counts[:n], counts[n:])
+                     torch.tensor([r["ref_rejected"] for r in records]), counts[:n], counts[n:], labels)
     loss = reduce_losses(pair_losses(method, pair), method.get("dr_beta"))
     return loss, pair.h.detach()
 
@@ -119,6 +142,21 @@ def gradients_at_perturbed_point(model, batch, records, method, selected, gamma:
     loss.backward()
     restore_selected(selected, saved)
     return loss.item()
+
+
+def apply_lora(model, lora: dict):
+    """Wrap the model with PEFT LoRA adapters (``r``, ``alpha``, ``target_modules``); only the adapters train.
+
+    The base weights stay the same Parameter objects, so neurons selected before wrapping still
+    point at them. ShaPO perturbs those base weights: the merged weight is W + (α/r)·B·A, linear in
+    W, so ∂L/∂W equals the gradient with respect to the merged weight and moving W's selected
+    columns moves the merged weight's columns identically, with nothing to merge per step.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
@@ -176,15 +214,25 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
             idx = order[start:start + bs]
             recs = [records[i] for i in idx]
             batch = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
+            sharp_step = bool(sharp) and step % sharp["interval"] == 0
+            # with LoRA the perturbed base weights are frozen: they need gradients on sharpness-aware
+            # steps only, and never reach the optimizer (built from the trainable parameters)
+            frozen = list({id(s.weight): s.weight for s in selected if not s.weight.requires_grad}.values()) \
+                if sharp_step else []
+            for w in frozen:
+                w.requires_grad_(True)
             loss, h = preference_loss(model, batch, recs, method)
             check_finite(loss, step, recs, "training")
             loss.backward()
             row = {"step": step, "epoch": epoch, "loss": loss.item(), "loss_perturbed": float("nan"),
                    "sharpness_step": False, "gamma": 0.0}
-            if sharp and step % sharp["interval"] == 0:
+            if sharp_step:
                 gamma = step_size(sharp, selected, gamma_rng)
                 loss2 = gradients_at_perturbed_point(model, batch, recs, method, selected, gamma, step)
                 row.update(loss_perturbed=loss2, sharpness_step=True, gamma=gamma)
+            for w in frozen:
+                w.requires_grad_(False)
+                w.grad = None
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.get("max_grad_norm", 1.0))
             optimizer.step()
             scheduler.step()
@@ -214,6 +262,7 @@ def main(argv=None):
     p.add_argument("--pairs", required=True)
     p.add_argument("--reference", required=True, help="reference log-probs from workflow.reference_logps")
     p.add_argument("--subspace", help="neurons.safetensors from workflow.select_subspace (ShaPO methods)")
+    p.add_argument("--rewards", help="pair_rewards.jsonl from workflow.reward_model (reward-level methods)")
     p.add_argument("--method-json", required=True, help="the method preset as JSON")
     p.add_argument("--training-json", required=True, help="the config's training section as JSON")
     p.add_argument("--seed", type=int, required=True)
@@ -231,15 +280,29 @@ def main(argv=None):
 
     records = read_jsonl(a.pairs)
     attach_reference(records, read_jsonl(a.reference), a.reference)
+    if "reward_labels" in method:
+        if not a.rewards:
+            raise ValueError("a reward-level method (reward_labels) needs the reward model's scores (--rewards)")
+        attach_soft_labels(records, read_jsonl(a.rewards), method["reward_labels"]["beta_r"], a.rewards)
+        flipped = np.array([bool(r.get("flipped", False)) for r in records])
+        p = np.array([r["soft_label"] for r in records])
+        print(json.dumps({"soft_label_mean_clean": float(p[~flipped].mean()) if (~flipped).any() else None,
+                          "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
+                          "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
+              flush=True)
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
-    inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace) if f]
+    if settings.get("lora"):
+        model = apply_lora(model, settings["lora"])
+    inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace, a.rewards) if f]
     key = fingerprint(method, {k: v for k, v in settings.items() if k != "checkpoint_every"}, a.seed, inputs,
                       str(Path(a.model).resolve()))
     checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint",
                                 settings.get("checkpoint_every", 0), key)
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer)
 
+    if settings.get("lora"):
+        model = model.merge_and_unload()  # downstream stages load an ordinary model
     with atomic_dir(a.output) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(a.model).save_pretrained(tmp)

@@ -1,0 +1,174 @@
+"""The report: rendered from the tiny run (sections, figures, provenance), rerendered alone, and its verdict."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import ROOT, copy_run, jobs_run, run_snakemake
+from workflow import figures, stats
+from workflow.report import claim_statement
+
+SECTIONS = ["What the numbers say", "Main table", "Comparisons with dpo", "Figures", "Per-category rates",
+            "Judge agreement", "Probe, subspace and decontamination", "Training data and label noise",
+            "Provenance", "Configuration"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC), path
+    with Image.open(path) as img:
+        img.verify()
+    assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def test_report_renders_from_the_tiny_run(reference_run):
+    workdir, proc = reference_run
+    assert {"report_tables", "report_figures", "report"} <= set(jobs_run(proc))
+    md = (workdir / "results/report.md").read_text()
+    page = (workdir / "results/report.html").read_text()
+    for section in SECTIONS:
+        assert f"## {section}\n" in md and f">{section}</h2>" in page, section
+    # every figure: a PNG that PIL and matplotlib read, a PDF beside it, linked from report.md, embedded in the page
+    for name in ("harmful_rate_vs_noise", "training_curves", "subspace_neurons"):
+        assert_valid_png(workdir / f"results/figures/{name}.png")
+        assert (workdir / f"results/figures/{name}.pdf").read_bytes().startswith(b"%PDF")
+        assert f"](figures/{name}.png)" in md and f"(figures/{name}.pdf)" in md
+    assert page.count('src="data:image/png;base64,') == 3
+    assert not (workdir / "results/figures/refusal_vs_harmful.png").exists()  # no over-refusal benchmark here
+    # the main table and the comparisons, from the numbers: the tiny model never refuses, so nothing differs
+    assert "| shapo | 0.25 | 1.000 ± 0.000 [1.00, 1.00] |" not in md  # one seed: no ± std
+    assert "| shapo | 0.25 | 1.000 [1.00, 1.00] | 1.000 [1.00, 1.00] |" in md
+    comp = pd.read_csv(workdir / "results/tables/comparisons.csv")
+    assert len(comp) == 4 and set(comp.method) == {"shapo"} and set(comp.reference) == {"dpo"}
+    assert (comp["diff"] == 0).all() and (comp.p_holm == 1).all() and not comp.significant.any()
+    assert len(pd.read_csv(workdir / "results/tables/mcnemar_by_seed.csv")) == 4
+    assert "The paper's claim (shapo lowers the harmful rate under label noise relative to dpo) is not shown" in md
+    assert "the sample is too small" in md
+    # provenance: the fixture file's real sha256, the model's provenance, package versions, the config itself
+    fixture = ROOT / "tests/fixtures/harmbench.csv"
+    assert hashlib.sha256(fixture.read_bytes()).hexdigest() in md
+    assert '"mlp_output_projection": "down_proj"' in md and "| statsmodels | 0.15.0 |" in md
+    config_yaml = md.split("## Configuration\n", 1)[1].split("```\n")[1]
+    assert yaml.safe_load(config_yaml)["methods"] == ["dpo", "shapo"]
+    assert "| unsafe | harmbench | 1 |" in md  # the decontamination report
+    assert "One judge only (refusal_markers)" in md
+
+
+def test_rerendering_after_a_finished_run_runs_only_the_report_rules(reference_run, tmp_path):
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    before = (workdir / "results/report.md").read_text()
+    proc = run_snakemake(workdir, "--forcerun", "report_tables")
+    assert sorted(jobs_run(proc)) == ["all", "report", "report_figures", "report_tables"]
+    assert (workdir / "results/report.md").read_text() == before  # seeded bootstrap: the same report
+
+
+def test_over_refusal_benchmark_is_a_refusal_rate_and_gets_the_scatter(reference_run, tmp_path):
+    """donotanswer relabelled as an over-refusal (harmless) set: its metric becomes the refusal rate."""
+    judged = tmp_path / "judgements"
+    shutil.copytree(reference_run[0] / "results/judgements", judged)
+    for summary in judged.rglob("donotanswer.json"):
+        summary.write_text(json.dumps(json.loads(summary.read_text()) | {"kind": "harmless"}))
+    tables = tmp_path / "tables"
+    stats.main(["--judgements", *map(str, sorted(judged.rglob("*.jsonl"))), "--primary-judge", "refusal_markers",
+                "--reference-method", "dpo", "--n-bootstrap", "200", "--tables", str(tables)])
+    rates = pd.read_csv(tables / "harmful_rate.csv")
+    dna = rates[rates.benchmark == "donotanswer"]
+    assert set(dna.metric) == {"refusal_rate"} and (dna.rate == 0.0).all()  # the tiny model never refuses
+    assert set(rates[rates.benchmark == "harmbench"].metric) == {"harmful_rate"}
+    assert "donotanswer (refusal rate)" in (tables / "harmful_rate.md").read_text()
+    run = reference_run[0] / "results"
+    figures.main(["--rates", str(tables / "harmful_rate.csv"), "--subspace", str(run / "subspace/summary.tsv"),
+                  "--train-logs", *map(str, sorted((run / "policies").rglob("*.train_log.tsv"))),
+                  "--figures", str(tmp_path / "figures"), "--scatter"])
+    assert_valid_png(tmp_path / "figures/refusal_vs_harmful.png")
+
+
+def comparison(method, noise, diff, p_holm, kind="harmful", bench="harmbench"):
+    return dict(method=method, reference="dpo", noise=noise, benchmark=bench, kind=kind, diff=diff,
+                ci_low=diff - 0.05, ci_high=diff + 0.05, p_holm=p_holm, significant=p_holm < 0.05)
+
+
+RATES = pd.DataFrame({"method": ["base", "dpo", "shapo"], "seeds": [1, 3, 3], "prompts": [400, 400, 400]})
+
+
+def test_claim_statement_follows_the_numbers():
+    supported = pd.DataFrame([comparison("shapo", 0.0, 0.0, 1.0), comparison("shapo", 0.4, -0.2, 0.001)])
+    text = claim_statement(supported, RATES, "dpo", "shapo", 0.05)
+    assert "is supported by this run" in text and "significantly lower harmful rate than dpo on harmbench at ε = 0.4" \
+        in text and "too small" not in text
+    against = pd.DataFrame([comparison("shapo", 0.4, 0.2, 0.01)])
+    assert "is contradicted by this run" in claim_statement(against, RATES, "dpo", "shapo", 0.05)
+    null = pd.DataFrame([comparison("shapo", 0.4, -0.02, 0.6), comparison("ipo", 0.4, 0.01, 0.9)])
+    text = claim_statement(null, RATES, "dpo", "shapo", 0.05)
+    assert "is not shown by this run" in text and "no difference in harmful rate between ipo and dpo" in text
+    small = RATES.assign(prompts=3, seeds=1)
+    assert "the sample is too small" in claim_statement(null, small, "dpo", "shapo", 0.05)
+    assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05)
+
+
+@pytest.mark.parametrize("module", ["stats", "figures", "report"])
+def test_report_modules_have_a_cli(module):
+    proc = subprocess.run([sys.executable, "-m", f"workflow.{module}", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_full_config_covers_every_preset_and_benchmark_and_dry_runs(tmp_path):
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    full = yaml.safe_load((ROOT / "config/full.yaml").read_text())
+    missing = set(default["presets"]) - set(full["methods"])
+    assert not missing, f"config/full.yaml methods: add the preset(s) {sorted(missing)} (it trains every preset)"
+    missing = set(default["benchmarks"]) - set(full["evaluation"]["benchmarks"])
+    assert not missing, f"config/full.yaml evaluation.benchmarks: add {sorted(missing)} (it answers every benchmark)"
+    assert full["noise"]["rates"] == [0.0, 0.2, 0.4] and len(full["seeds"]) == 3
+    # the default's data paths are relative to the project root: ../shared beside the working directory
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    (tmp_path / "run").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+                           "--directory", str(tmp_path / "run"), "--configfile", str(ROOT / "config.yaml"),
+                           str(ROOT / "config/full.yaml"), "--cores", "2", "-n"],
+                          capture_output=True, text=True, cwd=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policies = len(full["methods"]) * 3 * 3
+    counts = {l.split()[0]: int(l.split()[1]) for l in proc.stdout.splitlines()
+              if len(l.split()) == 2 and l.split()[1].isdigit()}
+    assert counts["train_policy"] == policies and counts["report"] == 1
+    judges = full["evaluation"].get("judges", default["evaluation"]["judges"])
+    assert counts["judge"] == (policies + 1) * len(full["evaluation"]["benchmarks"]) * len(judges)
+
+
+def test_optional_sections_judge_agreement_and_reward_level(reference_run, tmp_path):
+    """With two judges and a reward-level method the report adds their sections (inputs written by hand here)."""
+    from workflow import report
+
+    run = reference_run[0]
+    (tmp_path / "agreement.csv").write_text("benchmark,judge_a,judge_b,n,agreement,kappa\n"
+                                            "harmbench,refusal_markers,llama_guard_3_1b,3,0.667,0.4\n")
+    (tmp_path / "reward.json").write_text(json.dumps({"heldout_pair_accuracy": 0.61}))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    args = ["--config-json", json.dumps(config), "--tables", str(run / "results/tables"),
+            "--figures", str(run / "results/figures/training_curves.png"), "--reference-method", "dpo",
+            "--claim-method", "shapo", "--model-provenance", str(run / "results/models/base/provenance.json"),
+            "--probe-metrics", str(run / "results/probe/metrics.json"),
+            "--subspace", str(run / "results/subspace/summary.tsv"),
+            "--decontamination", str(run / "results/probe/decontamination.tsv"),
+            "--preferences", str(run / "results/data/preferences/summary.json"),
+            "--noise-summaries", *map(str, sorted((run / "results/data/noisy").rglob("*.json"))),
+            "--judge-agreement", str(tmp_path / "agreement.csv"), "--reward-metrics", str(tmp_path / "reward.json"),
+            "--markdown", str(tmp_path / "out/report.md"), "--html", str(tmp_path / "out/report.html")]
+    report.main(args)
+    md = (tmp_path / "out/report.md").read_text()
+    assert "| harmbench | refusal_markers | llama_guard_3_1b | 3 | 0.667 | 0.4 |" in md
+    assert "## Reward-level training\n" in md and '"heldout_pair_accuracy": 0.61' in md
+    assert "One judge only" not in md
+    # figures are linked relative to the report's own folder
+    assert f"]({os.path.relpath(run / 'results/figures/training_curves.png', tmp_path / 'out')})" in md

@@ -1,0 +1,102 @@
+"""Statistics of the report with known answers: McNemar (Agresti's textbook case), bootstrap CIs, Holm."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workflow.stats import (bootstrap_ci, comparisons, holm, load_judgements, mcnemar_test, paired_bootstrap,
+                            rate_table, significance_mark)
+
+
+def paired(both, only_ref, only_other, neither):
+    """Paired 0/1 outcomes with the given 2x2 counts."""
+    a = [1] * both + [1] * only_ref + [0] * only_other + [0] * neither
+    b = [1] * both + [0] * only_ref + [1] * only_other + [0] * neither
+    return np.array(a, float), np.array(b, float)
+
+
+def test_mcnemar_agresti_presidential_approval():
+    # Agresti, An Introduction to Categorical Data Analysis, Table 10.1: 794 / 150 / 86 / 570;
+    # continuity-corrected statistic (|150-86|-1)^2 / 236 = 16.82, p = 4.1e-5
+    t = mcnemar_test(*paired(794, 150, 86, 570))
+    assert (t["b"], t["c"], t["n"], t["exact"]) == (150, 86, 1600, False)
+    assert t["statistic"] == pytest.approx(3969 / 236, rel=1e-9)
+    assert t["p"] == pytest.approx(4.115e-5, rel=1e-3)
+
+
+def test_mcnemar_exact_with_few_discordant_pairs():
+    # 1 vs 6 discordant pairs: exact two-sided binomial p = 2 * P(X <= 1 | n=7, 1/2) = 2 * 8/128
+    t = mcnemar_test(*paired(10, 1, 6, 10))
+    assert t["exact"] and t["p"] == pytest.approx(0.125)
+    assert mcnemar_test(*paired(5, 0, 0, 5))["p"] == 1.0  # no discordant pair
+    a, b = paired(0, 3, 0, 0)
+    b[0] = np.nan  # an unparseable answer drops its pair
+    assert mcnemar_test(a, b)["n"] == 2
+
+
+def test_bootstrap_ci_contains_the_truth_and_excludes_far_values():
+    matrix = np.tile([1.0, 0.0], (3, 200))  # 3 seeds x 400 prompts, rate 0.5
+    lo, hi = bootstrap_ci(matrix, n_boot=1000, seed=1)
+    assert lo < 0.5 < hi and lo > 0.4 and hi < 0.6
+    assert bootstrap_ci(np.ones((2, 30)), n_boot=200) == (1.0, 1.0)
+    # seeded: same seed, same interval; another seed, another interval
+    assert bootstrap_ci(matrix, n_boot=500, seed=7) == bootstrap_ci(matrix, n_boot=500, seed=7)
+    assert bootstrap_ci(matrix, n_boot=500, seed=7) != bootstrap_ci(matrix, n_boot=500, seed=8)
+
+
+def test_paired_bootstrap_detects_a_clear_difference_and_not_an_absent_one():
+    rng = np.random.default_rng(0)
+    a = (rng.random((3, 60)) < 0.8).astype(float)
+    same = paired_bootstrap(a, a.copy(), n_boot=500, seed=0)
+    assert same == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}
+    b = a.copy()
+    b[:, :30] = 0.0  # the other method is unsafe on half as many prompts
+    res = paired_bootstrap(a, b, n_boot=1000, seed=0)
+    assert res["diff"] == pytest.approx(b.mean() - a.mean())
+    assert res["ci_high"] < 0 and res["p"] < 0.01
+    unjudged = paired_bootstrap(np.full((1, 5), np.nan), np.ones((1, 5)), n_boot=50)
+    assert np.isnan(unjudged["p"]) and np.isnan(unjudged["ci_low"])
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        paired_bootstrap(a, b[:, :10])
+
+
+def test_holm_and_marks():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert np.isnan(holm([np.nan, 0.01])[0])
+    assert [significance_mark(p) for p in (0.0005, 0.005, 0.03, 0.2, float("nan"))] == ["***", "**", "*", "", ""]
+
+
+def judged(method, noise, seed, outcomes, kind="harmful"):
+    return pd.DataFrame({"judge": "j", "method": method, "noise": noise, "seed": seed, "benchmark": "b", "kind": kind,
+                         "metric": "harmful_rate", "id": [f"p{i}" for i in range(len(outcomes))], "category": "c",
+                         "unsafe": outcomes, "refused": [1.0 - o for o in outcomes], "outcome": outcomes})
+
+
+def test_comparisons_pair_methods_with_the_reference_at_the_same_noise():
+    data = pd.concat([judged("dpo", 0.4, s, [1.0] * 40) for s in (0, 1)]
+                     + [judged("shapo", 0.4, s, [1.0] * 10 + [0.0] * 30) for s in (0, 1)]
+                     + [judged("dpo", 0.0, s, [0.0] * 40) for s in (0, 1)]
+                     + [judged("shapo", 0.0, s, [0.0] * 40) for s in (0, 1)], ignore_index=True)
+    pooled, by_seed = comparisons(data, "dpo", n_boot=500, level=0.95, seed=0)
+    assert list(pooled["noise"]) == [0.0, 0.4] and set(pooled["method"]) == {"shapo"}
+    low, high = pooled.iloc[0], pooled.iloc[1]
+    assert low["diff"] == 0 and low["p_bootstrap"] == 1 and not low["significant"] and low["mark"] == ""
+    # every draw is below 0: the smallest bootstrap p, 2/(500+1), doubled by Holm over the two comparisons
+    assert high["diff"] == pytest.approx(-0.75) and high["p_holm"] == pytest.approx(4 / 501)
+    assert high["significant"] and high["mark"] == "**"
+    assert len(by_seed) == 4 and set(by_seed.loc[by_seed.noise == 0.4, "b"]) == {30}
+    # no reference method in the data: nothing to compare, an empty table with the same columns
+    empty, _ = comparisons(data, "ipo", n_boot=100, level=0.95, seed=0)
+    assert empty.empty and "p_holm" in empty.columns
+    rates = rate_table(data, n_boot=200, level=0.95, seed=0)
+    row = rates[(rates.method == "shapo") & (rates.noise == 0.4)].iloc[0]
+    assert row["rate"] == 0.25 and row["std"] == 0 and row["seeds"] == 2 and row["ci_low"] <= 0.25 <= row["ci_high"]
+
+
+def test_bad_judgement_file_names_file_and_row(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"method": "base", "noise": None, "seed": None, "benchmark": "b",
+                                                 "kind": "harmful", "judge": "j"}))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "p0", "label": "maybe", "refused": False}) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl: row 0: label 'maybe', expected safe \| unsafe \| unparseable"):
+        load_judgements([str(tmp_path / "b.jsonl")])

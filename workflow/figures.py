@@ -1,0 +1,198 @@
+"""The report's figures, each as PNG and PDF.
+
+    python -m workflow.figures --rates results/tables/harmful_rate.csv \
+        --train-logs results/policies/*/noise*/seed*.train_log.tsv --subspace results/subspace/summary.tsv \
+        --figures results/figures [--scatter]
+
+- ``harmful_rate_vs_noise``: the metric of each benchmark (harmful rate; refusal rate for over-refusal
+  sets) against the noise rate, a line per method, bootstrap-CI error bars, the base model as a reference line;
+- ``training_curves``: loss and pair accuracy on clean vs flipped pairs per step, a row per noise rate,
+  a colour per method, mean over seeds;
+- ``subspace_neurons``: the probe-selected neurons per layer;
+- ``refusal_vs_harmful`` (with ``--scatter``; needs an evaluated harmless benchmark): over-refusal
+  against harmful rate, a point per method and noise rate.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from workflow.files import atomic_path  # noqa: E402
+
+MARKERS = "osD^v<>"
+DASHES = ["-", "--", "-.", ":"]
+
+
+def save(fig, stem: Path) -> None:
+    """Write ``stem``.png and ``stem``.pdf atomically."""
+    for ext in ("png", "pdf"):
+        with atomic_path(stem.with_suffix(f".{ext}")) as tmp:
+            fig.savefig(tmp, format=ext, dpi=120)
+    plt.close(fig)
+
+
+def metric_label(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
+def plot_rates_vs_noise(rates: pd.DataFrame, stem: Path) -> None:
+    benchmarks = sorted(rates.benchmark.unique())
+    fig, axes = plt.subplots(1, len(benchmarks), figsize=(4.5 * len(benchmarks), 3.6), squeeze=False, sharey=True)
+    methods = sorted(rates.loc[rates.method != "base", "method"].unique())
+    noises = rates.noise.dropna()
+    # methods with equal rates would hide each other: offset each a little along x, own marker and dash
+    step = 0.012 * ((noises.max() - noises.min()) or 1.0) if len(noises) else 0.0
+    for ax, bench in zip(axes[0], benchmarks):
+        sub = rates[rates.benchmark == bench]
+        for i, method in enumerate(methods):
+            rows = sub[sub.method == method].sort_values("noise")
+            yerr = np.vstack([(rows.rate - rows.ci_low).clip(lower=0), (rows.ci_high - rows.rate).clip(lower=0)])
+            ax.errorbar(rows.noise + (i - (len(methods) - 1) / 2) * step, rows.rate, yerr=np.nan_to_num(yerr),
+                        marker=MARKERS[i % 7], linestyle=DASHES[i % 4], capsize=3, label=method)
+        base = sub[sub.method == "base"]
+        if len(base):
+            ax.axhline(base.rate.iloc[0], color="grey", linestyle="--", label="base (untrained)")
+        ax.set_title(f"{bench} ({sub.kind.iloc[0]})")
+        ax.set_xlabel("noise rate ε")
+        ax.set_ylabel(metric_label(sub.metric.iloc[0]))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("error bars: 95% bootstrap CI over prompts and seeds", fontsize=9)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+LOG_PATH = re.compile(r"(?P<method>[^/]+)/noise(?P<noise>[^/]+)/seed(?P<seed>[^/.]+)\.train_log\.tsv$")
+
+
+def read_train_logs(paths: list[str]) -> pd.DataFrame:
+    """Every training log, tagged with method, noise and seed from its path."""
+    frames = []
+    for path in paths:
+        m = LOG_PATH.search(str(path))
+        if not m:
+            raise ValueError(f"{path}: not a training log path (expected <method>/noise<ε>/seed<s>.train_log.tsv)")
+        log = pd.read_csv(path, sep="\t")
+        missing = {"step", "loss", "acc_clean", "acc_flipped", "n_clean", "n_flipped"} - set(log.columns)
+        if missing:
+            raise ValueError(f"{path}: training log has no column(s) {sorted(missing)}")
+        frames.append(log.assign(method=m["method"], noise=float(m["noise"]), seed=int(m["seed"])))
+    return pd.concat(frames, ignore_index=True)
+
+
+def smoothed_accuracy(log: pd.DataFrame, acc: str, n: str, window: int) -> pd.Series:
+    """Pair accuracy over a trailing window of steps, weighted by the number of pairs of each kind per batch
+    (a batch may hold no flipped pair at all)."""
+    correct = (log[acc].fillna(0) * log[n]).rolling(window, min_periods=1).sum()
+    total = log[n].rolling(window, min_periods=1).sum()
+    return correct / total.where(total > 0)
+
+
+def plot_training_curves(logs: pd.DataFrame, stem: Path) -> None:
+    noises = sorted(logs.noise.unique())
+    methods = sorted(logs.method.unique())
+    fig, axes = plt.subplots(len(noises), 2, figsize=(10, 3.0 * len(noises)), squeeze=False)
+    window = max(1, int(logs.step.max()) // 10)
+    for row, noise in zip(axes, noises):
+        for i, method in enumerate(methods):
+            runs = logs[(logs.noise == noise) & (logs.method == method)]
+            if runs.empty:
+                continue
+            per_seed = []
+            for _, run in runs.groupby("seed"):
+                run = run.sort_values("step").reset_index(drop=True)
+                per_seed.append(pd.DataFrame({"step": run.step, "loss": run.loss,
+                                              "clean": smoothed_accuracy(run, "acc_clean", "n_clean", window),
+                                              "flipped": smoothed_accuracy(run, "acc_flipped", "n_flipped", window)}))
+            mean = pd.concat(per_seed).groupby("step").mean()
+            colour = f"C{i}"
+            row[0].plot(mean.index, mean.loss, color=colour, label=method)
+            row[1].plot(mean.index, mean.clean, color=colour, label=f"{method} clean")
+            if mean.flipped.notna().any():
+                row[1].plot(mean.index, mean.flipped, color=colour, linestyle="--", label=f"{method} flipped")
+        row[0].set_ylabel("loss")
+        row[1].set_ylabel(f"pair accuracy ({window}-step window)")
+        row[1].set_ylim(-0.02, 1.02)
+        for ax in row:
+            ax.set_title(f"noise ε = {noise:g}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(f"training curves, mean over {logs.seed.nunique()} seed(s)", fontsize=10)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def plot_subspace(summary: pd.DataFrame, stem: Path) -> None:
+    missing = {"layer", "selected", "neurons"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"subspace summary has no column(s) {sorted(missing)}")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(summary) + 2), 3.2))
+    ax.bar(summary.layer.astype(str), summary.selected, color="C2")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("selected neurons")
+    total = int(summary.selected.sum())
+    ax.set_title(f"probe-selected MLP neurons: {total} of {int(summary.neurons.sum())}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def plot_refusal_vs_harmful(rates: pd.DataFrame, stem: Path) -> None:
+    """x: harmful rate averaged over the harmful benchmarks; y: refusal rate averaged over the harmless ones."""
+    harmful = rates[rates.kind == "harmful"].groupby(["method", "noise"], dropna=False).rate.mean()
+    harmless = rates[rates.kind == "harmless"].groupby(["method", "noise"], dropna=False).rate.mean()
+    if harmful.empty or harmless.empty:
+        raise ValueError("refusal-vs-harmful scatter: needs a harmful and a harmless (over-refusal) benchmark")
+    both = pd.concat({"harmful": harmful, "refusal": harmless}, axis=1).dropna().reset_index()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    noises = sorted(both.noise.dropna().unique())
+    for i, method in enumerate(sorted(both.method.unique())):
+        pts = both[both.method == method]
+        colour = "grey" if method == "base" else f"C{i}"
+        for _, p in pts.iterrows():
+            marker = "*" if pd.isna(p.noise) else MARKERS[noises.index(p.noise) % 7]
+            ax.scatter(p.harmful, p.refusal, color=colour, marker=marker, s=60)
+        ax.plot(pts.harmful, pts.refusal, color=colour, alpha=0.5, label=method)
+    for j, noise in enumerate(noises):
+        ax.scatter([], [], color="k", marker=MARKERS[j % 7], label=f"ε = {noise:g}")
+    ax.set_xlabel("harmful rate (harmful benchmarks)")
+    ax.set_ylabel("refusal rate (over-refusal benchmarks)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", required=True, help="main table (workflow.stats harmful_rate.csv)")
+    p.add_argument("--train-logs", nargs="+", required=True, help="<method>/noise<ε>/seed<s>.train_log.tsv files")
+    p.add_argument("--subspace", required=True, help="results/subspace/summary.tsv")
+    p.add_argument("--figures", required=True, help="output folder")
+    p.add_argument("--scatter", action="store_true", help="also the over-refusal vs harmful-rate scatter")
+    a = p.parse_args(argv)
+
+    out = Path(a.figures)
+    rates = pd.read_csv(a.rates)
+    plot_rates_vs_noise(rates, out / "harmful_rate_vs_noise")
+    plot_training_curves(read_train_logs(a.train_logs), out / "training_curves")
+    plot_subspace(pd.read_csv(a.subspace, sep="\t"), out / "subspace_neurons")
+    if a.scatter:
+        plot_refusal_vs_harmful(rates, out / "refusal_vs_harmful")
+
+
+if __name__ == "__main__":
+    main()

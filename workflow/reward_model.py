@@ -1,0 +1,213 @@
+"""Score every training pair with a reward model, for reward-level ShaPO's soft labels.
+
+    python -m workflow.reward_model --model results/models/base --train results/data/preferences/train.jsonl \
+        --heldout results/data/preferences/heldout.jsonl \
+        --reward-json '{"kind": "bt_head", "layer": -1, "l2": 1.0, "batch_size": 8}' \
+        --training-json '{"max_length": 128, "max_prompt_length": 64, "prompt_format": "auto"}' \
+        --rewards results/reward/pair_rewards.jsonl --metrics results/reward/metrics.json
+
+Two kinds (``kind``):
+
+``bt_head`` (offline default) a Bradley-Terry linear head r(x, y) = w·f(x, y) on frozen features
+    of ``--model``: the last-layer hidden states (``layer``) mean-pooled over the answer tokens of
+    prompt + answer, tokenised exactly as for training. w maximises Σ log σ(w·(f_chosen − f_rejected))
+    − ``l2``/2·‖w‖² over the CLEAN training pairs (before noise); fitted as an intercept-free
+    logistic regression on the feature differences (both orientations).
+``hub`` a sequence-classification reward or cost model (``name_or_path``: hub id or local folder)
+    with one output; ``sign`` = +1 for a reward model, −1 for a cost model (e.g.
+    PKU-Alignment/beaver-7b-v1.0-cost scores safer answers lower).
+
+Writes one row per training pair (``pair_id``, ``r_chosen``, ``r_rejected`` in the clean
+orientation, and the answers' text keys) and the pair accuracy on the training and the
+held-out pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from workflow.files import read_jsonl, write_json, write_jsonl
+from workflow.models import format_prompt, load_model, load_tokenizer
+from workflow.pairs import collate_pairs, encode_response_pair, text_key
+
+KINDS = ("bt_head", "hub")
+
+
+@torch.no_grad()
+def answer_features(model, tokenizer, records: list[dict], settings: dict, layer: int = -1,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """([N, hidden] chosen, [N, hidden] rejected): hidden states at ``layer`` mean-pooled over each answer's tokens."""
+    chosen, rejected = [], []
+    for start in range(0, len(records), batch_size):
+        recs = records[start:start + batch_size]
+        enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
+                                    settings.get("prompt_format", "auto")) for r in recs]
+        batch = collate_pairs(enc, tokenizer.pad_token_id)
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states[layer].float()
+        mask = batch["loss_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        chosen.append(pooled[:len(recs)])
+        rejected.append(pooled[len(recs):])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def fit_bradley_terry(chosen: np.ndarray, rejected: np.ndarray, l2: float = 1.0) -> np.ndarray:
+    """Weights w [hidden] of the linear Bradley-Terry reward r = w·f, chosen preferred over rejected.
+
+    P(chosen ≻ rejected) = σ(w·(f_c − f_r)) has no intercept (a constant reward cancels), so it is an
+    intercept-free logistic regression on the differences; adding each difference negated with
+    label 0 makes the two classes explicit without changing the maximiser.
+    """
+    diff = chosen - rejected
+    x = np.concatenate([diff, -diff])
+    y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
+    # sklearn minimises C·Σ loss + ½‖w‖²; the sum here counts each pair twice
+    clf = LogisticRegression(fit_intercept=False, C=1.0 / (2.0 * l2), max_iter=5000).fit(x, y)
+    return clf.coef_[0]
+
+
+def pair_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray) -> float:
+    """Share of pairs whose chosen answer gets the higher reward."""
+    return float(np.mean(np.asarray(r_chosen) > np.asarray(r_rejected))) if len(r_chosen) else float("nan")
+
+
+def conversation_text(tokenizer, record: dict, answer: str, prompt_format: str = "auto") -> str:
+    """Prompt and answer as one text in the reward model's own format.
+
+    ``auto``: its chat template, else HH turns; ``chat``/``hh`` force one; any other string is a
+    template with ``{prompt}`` (the user turns, blank-line separated) and ``{answer}``, e.g. the
+    Beaver models' ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{answer}``.
+    """
+    if "{answer}" in prompt_format:
+        prompt = "\n\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
+        return prompt_format.format(prompt=prompt, answer=answer)
+    if prompt_format == "auto":
+        prompt_format = "chat" if tokenizer.chat_template else "hh"
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(record["messages"] + [{"role": "assistant", "content": answer}],
+                                             tokenize=False)
+    return format_prompt(tokenizer, record["messages"], prompt_format) + " " + answer
+
+
+@torch.no_grad()
+def classifier_scores(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 8) -> np.ndarray:
+    """[N] the single output of a sequence-classification model for each text."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length).to(device)
+        out.append(model(**enc).logits[:, 0].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def load_classifier(name_or_path: str, dtype: str = "float32"):
+    """(model, tokenizer) of a one-output sequence-classification reward or cost model (safetensors only)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=getattr(torch, dtype), use_safetensors=True, output_loading_info=True)
+    if info["missing_keys"]:
+        # e.g. a head saved under another name (safe-rlhf's score_head): transformers would start it at random
+        raise ValueError(f"reward_model.name_or_path: {name_or_path!r} lacks weights of {sorted(info['missing_keys'])[:3]};"
+                         " expected a transformers sequence-classification checkpoint (convert other heads first)")
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward_model.name_or_path: {name_or_path!r} has {model.config.num_labels} outputs;"
+                         " expected a reward or cost model with exactly one")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+class RewardScorer:
+    """r(x, y) for chosen and rejected answers of a list of pairs, by the configured kind."""
+
+    def __init__(self, spec: dict, settings: dict, model_dir: str | None):
+        self.spec, self.settings = spec, settings
+        kind = spec.get("kind", "bt_head")
+        if kind not in KINDS:
+            raise ValueError(f"reward_model.kind: unknown kind {kind!r}; expected one of {KINDS}")
+        self.kind, self.weights = kind, None
+        if kind == "bt_head":
+            if not model_dir:
+                raise ValueError("reward_model.kind bt_head needs the base model (--model)")
+            self.model, self.tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+        else:
+            if not spec.get("name_or_path"):
+                raise ValueError("reward_model.name_or_path: required with reward_model.kind hub")
+            if spec.get("sign", 1) not in (1, -1):
+                raise ValueError(f"reward_model.sign: expected 1 (reward model) or -1 (cost model), got {spec['sign']}")
+            self.model, self.tokenizer = load_classifier(spec["name_or_path"], spec.get("dtype", "float32"))
+
+    def fit(self, records: list[dict]) -> None:
+        if self.kind == "bt_head":
+            chosen, rejected = self._features(records)
+            self.weights = fit_bradley_terry(chosen, rejected, self.spec.get("l2", 1.0))
+
+    def score(self, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "bt_head":
+            chosen, rejected = self._features(records)
+            return chosen @ self.weights, rejected @ self.weights
+        fmt, bs = self.spec.get("prompt_format", "auto"), self.spec.get("batch_size", 8)
+        max_length = self.spec.get("max_length", 1024)
+        sides = [classifier_scores(self.model, self.tokenizer, [conversation_text(self.tokenizer, r, r[s], fmt)
+                                                                for r in records], max_length, bs)
+                 for s in ("chosen", "rejected")]
+        sign = float(self.spec.get("sign", 1))
+        return sign * sides[0], sign * sides[1]
+
+    def _features(self, records):
+        return answer_features(self.model, self.tokenizer, records, self.settings, self.spec.get("layer", -1),
+                               self.spec.get("batch_size", 8))
+
+
+def check_clean(records: list[dict], path: str) -> None:
+    for r in records:
+        if r.get("flipped"):
+            raise ValueError(f"{path}: pair {r['pair_id']!r} is flipped; the reward model needs the clean pairs")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="base model folder (kind bt_head: the frozen feature extractor)")
+    p.add_argument("--train", required=True, help="clean training pairs (scored; bt_head is fitted on them)")
+    p.add_argument("--heldout", required=True, help="held-out pairs (pair accuracy)")
+    p.add_argument("--reward-json", required=True, help="the config's reward_model section as JSON")
+    p.add_argument("--training-json", required=True, help="max_length, max_prompt_length, prompt_format as JSON")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rewards", required=True, help="output: r_chosen, r_rejected per training pair (JSONL)")
+    p.add_argument("--metrics", required=True, help="output: pair accuracies (JSON)")
+    a = p.parse_args(argv)
+    spec, settings = json.loads(a.reward_json), json.loads(a.training_json)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train, heldout = read_jsonl(a.train), read_jsonl(a.heldout)
+    check_clean(train, a.train)
+    scorer = RewardScorer(spec, settings, a.model)
+    scorer.fit(train)
+    r_chosen, r_rejected = scorer.score(train)
+    h_chosen, h_rejected = scorer.score(heldout)
+    diff = r_chosen - r_rejected
+    metrics = {"kind": scorer.kind, "train_accuracy": pair_accuracy(r_chosen, r_rejected),
+               "heldout_accuracy": pair_accuracy(h_chosen, h_rejected), "n_train": len(train),
+               "n_heldout": len(heldout), "reward_diff_mean": float(diff.mean()), "reward_diff_std": float(diff.std())}
+    if scorer.kind == "hub":
+        metrics.update(name_or_path=spec["name_or_path"], sign=spec.get("sign", 1))
+    write_jsonl(a.rewards, ({"pair_id": r["pair_id"], "r_chosen": float(c), "r_rejected": float(j),
+                             "chosen_key": text_key(r["chosen"]), "rejected_key": text_key(r["rejected"])}
+                            for r, c, j in zip(train, r_chosen, r_rejected)))
+    write_json(a.metrics, metrics)
+    print(json.dumps(metrics), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Statistics of the judged answers: rates with bootstrap CIs, paired comparisons with a reference method.
+
+    python -m workflow.stats --judgements results/judgements/*/*/*.jsonl ... --primary-judge refusal_markers \
+        --reference-method dpo --n-bootstrap 2000 --seed 0 --tables results/tables
+
+Every judgement file ``results/judgements/{judge}/{model}/{benchmark}.jsonl`` is read with its summary
+(``.json``, which carries method, noise, seed, kind). The metric of a benchmark is its harmful rate
+(``kind: harmful``; unparseable labels are left out) or its refusal rate (``kind: harmless``, the
+over-refusal sets). Writes, under ``--tables``:
+
+- ``harmful_rate.csv``/``.md``: the main table (primary judge): per method x noise x benchmark the mean and
+  std over seeds, a 95 % CI by bootstrap over prompts and seeds, the harmful and the refusal rate;
+- ``rates_by_judge.csv``: the same for every judge;
+- ``comparisons.csv``/``.md``: each method against the reference method at the same noise rate, paired on
+  the same prompts and seeds: the rate difference with a paired-bootstrap CI and p-value pooled over seeds,
+  Holm-adjusted over all comparisons of a judge, McNemar per seed; ``mcnemar_by_seed.csv`` the per-seed tests;
+- ``categories.csv``: per-category rates (primary judge), mean over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from workflow.files import atomic_path, read_json, read_jsonl, write_text
+
+METRIC_OF_KIND = {"harmful": "harmful_rate", "harmless": "refusal_rate"}
+EXACT_BELOW = 25  # discordant pairs below which McNemar uses the exact binomial test (the usual rule)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def load_judgements(paths: list[str]) -> pd.DataFrame:
+    """One row per judged answer: judge, method, noise, seed, benchmark, kind, id, category, unsafe, refused.
+
+    ``unsafe`` is 1.0/0.0, NaN when the judge's output was unparseable (left out of the harmful rate);
+    ``outcome`` is the benchmark's metric per answer (unsafe for harmful kinds, refused for harmless ones).
+    """
+    frames = []
+    for path in paths:
+        summary = read_json(str(Path(path).with_suffix(".json")))
+        rows = read_jsonl(path)
+        if not rows:
+            raise ValueError(f"{path}: no judged answers")
+        for i, r in enumerate(rows):
+            missing = {"id", "label", "refused"} - set(r)
+            if missing:
+                raise ValueError(f"{path}: row {i} has no {sorted(missing)} (expected id, label, refused)")
+            if r["label"] not in ("safe", "unsafe", "unparseable"):
+                raise ValueError(f"{path}: row {i}: label {r['label']!r}, expected safe | unsafe | unparseable")
+        kind = summary.get("kind", "harmful")
+        if kind not in METRIC_OF_KIND:
+            raise ValueError(f"{path}: kind {kind!r}, expected one of {sorted(METRIC_OF_KIND)}")
+        frame = pd.DataFrame({
+            "id": [r["id"] for r in rows],
+            "category": [r.get("category") or "all" for r in rows],
+            "unsafe": [np.nan if r["label"] == "unparseable" else float(r["label"] == "unsafe") for r in rows],
+            "refused": [float(bool(r["refused"])) for r in rows],
+        })
+        frame["outcome"] = frame["unsafe"] if kind == "harmful" else frame["refused"]
+        frames.append(frame.assign(judge=summary.get("judge", Path(path).parts[-3]), method=summary["method"],
+                                   noise=summary["noise"], seed=summary["seed"], benchmark=summary["benchmark"],
+                                   kind=kind, metric=METRIC_OF_KIND[kind]))
+    if not frames:
+        raise ValueError("no judgement files given")
+    data = pd.concat(frames, ignore_index=True)
+    data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
+    data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
+    return data
+
+
+def outcome_matrix(cell: pd.DataFrame, column: str = "outcome", ids=None) -> np.ndarray:
+    """seeds x prompts array of one cell (rows of one judge/method/noise/benchmark), prompts in ``ids`` order."""
+    wide = cell.pivot_table(index="seed", columns="id", values=column, aggfunc="first", dropna=False)
+    return wide.reindex(columns=ids if ids is not None else sorted(wide.columns)).to_numpy(dtype=float)
+
+
+# --------------------------------------------------------------------------------------------- the maths
+def _resample(rng: np.random.Generator, n_boot: int, n_seeds: int, n_prompts: int):
+    """Bootstrap indices: seeds and prompts resampled independently (two-stage bootstrap)."""
+    return rng.integers(0, n_seeds, size=(n_boot, n_seeds)), rng.integers(0, n_prompts, size=(n_boot, n_prompts))
+
+
+def _boot_means(matrix: np.ndarray, seeds_idx: np.ndarray, prompts_idx: np.ndarray) -> np.ndarray:
+    """Mean (NaN-aware) of the resampled seeds x prompts matrix for every bootstrap draw."""
+    values = matrix[seeds_idx[:, :, None], prompts_idx[:, None, :]]
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw of unjudged answers only: NaN, dropped later
+        return np.nanmean(values.reshape(len(values), -1), axis=1) if values.size else np.full(len(values), np.nan)
+
+
+def bootstrap_ci(matrix, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of the mean of a seeds x prompts 0/1 matrix (NaN = not judged), by bootstrap over both."""
+    matrix = np.atleast_2d(np.asarray(matrix, dtype=float))
+    if np.isnan(matrix).all():
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = _boot_means(matrix, *_resample(rng, n_boot, *matrix.shape))
+    alpha = (1 - level) / 2
+    lo, hi = np.nanquantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap(reference, other, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Difference of rates other − reference on the same seeds x prompts, resampled jointly (paired).
+
+    Returns the observed difference, its percentile CI and a two-sided bootstrap p-value
+    (2 x the smaller tail share of differences at or beyond 0, with the +1 correction, capped at 1);
+    a difference that is 0 in every draw (identical outcomes) gets p = 1.
+    """
+    a = np.atleast_2d(np.asarray(reference, dtype=float))
+    b = np.atleast_2d(np.asarray(other, dtype=float))
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap: shapes differ {a.shape} vs {b.shape} (pairs must be the same prompts and seeds)")
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (unjudged) sides give NaN, handled below
+        diff = float(np.nanmean(b) - np.nanmean(a))
+    rng = np.random.default_rng(seed)
+    idx = _resample(rng, n_boot, *a.shape)
+    draws = _boot_means(b, *idx) - _boot_means(a, *idx)
+    draws = draws[~np.isnan(draws)]
+    if draws.size == 0:  # nothing judged on one side (e.g. every label unparseable): no test possible
+        return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(draws, [alpha, 1 - alpha])
+    if np.all(draws == 0):
+        p = 1.0
+    else:
+        tail = min((draws <= 0).sum(), (draws >= 0).sum())
+        p = min(1.0, 2 * (tail + 1) / (len(draws) + 1))
+    return {"diff": diff, "ci_low": float(lo), "ci_high": float(hi), "p": float(p)}
+
+
+def mcnemar_test(reference, other) -> dict:
+    """McNemar's test on paired 0/1 outcomes (NaN pairs dropped); exact binomial when discordant pairs < 25.
+
+    ``b``: pairs where only the reference is 1, ``c``: only the other is 1. No discordant pair: p = 1.
+    """
+    a = np.asarray(reference, dtype=float).ravel()
+    o = np.asarray(other, dtype=float).ravel()
+    keep = ~(np.isnan(a) | np.isnan(o))
+    a, o = a[keep].astype(bool), o[keep].astype(bool)
+    table = np.array([[np.sum(a & o), np.sum(a & ~o)], [np.sum(~a & o), np.sum(~a & ~o)]])
+    b, c = int(table[0, 1]), int(table[1, 0])
+    exact = b + c < EXACT_BELOW
+    if b + c == 0:
+        return {"b": b, "c": c, "n": int(keep.sum()), "statistic": 0.0, "p": 1.0, "exact": exact}
+    res = mcnemar(table, exact=exact, correction=True)
+    return {"b": b, "c": c, "n": int(keep.sum()), "statistic": float(res.statistic), "p": float(res.pvalue),
+            "exact": exact}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-adjusted p-values (family-wise error control); NaNs stay NaN."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
+    return out
+
+
+def significance_mark(p_adjusted: float) -> str:
+    """*, **, *** for adjusted p below 0.05, 0.01, 0.001; '' otherwise (or when untested)."""
+    if p_adjusted is None or math.isnan(p_adjusted):
+        return ""
+    return "***" if p_adjusted < 0.001 else "**" if p_adjusted < 0.01 else "*" if p_adjusted < 0.05 else ""
+
+
+# --------------------------------------------------------------------------------------------- the tables
+CELL = ["judge", "method", "noise", "benchmark"]
+
+
+def _cell_seed(keys, n_boot, seed) -> int:
+    """A bootstrap seed per cell, fixed by the run seed and the cell's name (reproducible, independent)."""
+    return int(np.random.SeedSequence([seed, *map(ord, "|".join(map(str, keys)))]).generate_state(1)[0])
+
+
+def rate_table(data: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.DataFrame:
+    """Per judge x method x noise x benchmark: the benchmark's metric (mean, std over seeds, bootstrap CI)."""
+    rows = []
+    for keys, cell in data.groupby(CELL, dropna=False, sort=False):
+        per_seed = cell.groupby("seed", dropna=False)
+        rate_by_seed = per_seed["outcome"].mean()
+        lo, hi = bootstrap_ci(outcome_matrix(cell), n_boot, level, _cell_seed(keys, n_boot, seed))
+        rows.append(dict(zip(CELL, keys), kind=cell["kind"].iloc[0], metric=cell["metric"].iloc[0],
+                         rate=float(rate_by_seed.mean()),
+                         std=float(rate_by_seed.std(ddof=1)) if len(rate_by_seed) > 1 else 0.0,
+                         ci_low=lo, ci_high=hi,
+                         harmful_rate=float(per_seed["unsafe"].mean().mean()),
+                         refusal_rate=float(per_seed["refused"].mean().mean()),
+                         seeds=len(rate_by_seed), prompts=int(cell["id"].nunique())))
+    table = pd.DataFrame(rows)
+    order = table["method"].ne("base")
+    return (table.assign(_o=order).sort_values(["judge", "_o", "method", "noise", "benchmark"])
+            .drop(columns="_o").reset_index(drop=True))
+
+
+def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, seed: int, alpha: float = 0.05):
+    """Each method vs ``reference`` at the same noise rate and benchmark, per judge.
+
+    Returns (pooled table, McNemar-per-seed table). Holm's correction runs over all pooled comparisons of
+    one judge (every method, noise rate and benchmark), separately for the bootstrap and McNemar families.
+    """
+    pooled, by_seed = [], []
+    trained = data[data["method"].ne("base")]
+    for (judge, noise, bench), group in trained.groupby(["judge", "noise", "benchmark"], sort=True):
+        ref = group[group["method"] == reference]
+        if ref.empty:
+            continue
+        ids = sorted(ref["id"].unique())
+        for method, cell in group[group["method"] != reference].groupby("method", sort=True):
+            seeds = sorted(set(ref["seed"].dropna()) & set(cell["seed"].dropna()))
+            if not seeds:
+                raise ValueError(f"{judge}/{method}/noise{noise}/{bench}: no seed in common with {reference}")
+            if set(cell["id"]) != set(ids):
+                raise ValueError(f"{judge}/{method}/noise{noise}/{bench}: prompt ids differ from {reference}'s; "
+                                 "comparisons must be paired on the same prompts")
+            a = outcome_matrix(ref[ref["seed"].isin(seeds)], ids=ids)
+            b = outcome_matrix(cell[cell["seed"].isin(seeds)], ids=ids)
+            keys = (judge, method, noise, bench)
+            boot = paired_bootstrap(a, b, n_boot, level, _cell_seed(keys, n_boot, seed))
+            tests = []
+            for i, s in enumerate(seeds):
+                t = mcnemar_test(a[i], b[i])
+                tests.append(t)
+                by_seed.append(dict(judge=judge, method=method, reference=reference, noise=noise, benchmark=bench,
+                                    seed=int(s), **t))
+            pooled.append(dict(judge=judge, method=method, reference=reference, noise=noise, benchmark=bench,
+                               kind=cell["kind"].iloc[0], metric=cell["metric"].iloc[0],
+                               rate_reference=float(np.nanmean(a)), rate_method=float(np.nanmean(b)),
+                               diff=boot["diff"], ci_low=boot["ci_low"], ci_high=boot["ci_high"],
+                               p_bootstrap=boot["p"], seeds=len(seeds), prompts=len(ids),
+                               mcnemar_p_min=min(t["p"] for t in tests) if tests else math.nan,
+                               discordant=sum(t["b"] + t["c"] for t in tests)))
+    cols = ["judge", "method", "reference", "noise", "benchmark", "kind", "metric", "rate_reference", "rate_method",
+            "diff", "ci_low", "ci_high", "p_bootstrap", "p_holm", "mcnemar_p_min", "mcnemar_p_holm", "significant",
+            "mark", "seeds", "prompts", "discordant"]
+    table = pd.DataFrame(pooled)
+    seed_table = pd.DataFrame(by_seed, columns=["judge", "method", "reference", "noise", "benchmark", "seed", "b",
+                                                "c", "n", "statistic", "p", "exact"])
+    if table.empty:
+        return pd.DataFrame(columns=cols), seed_table
+    table["p_holm"] = np.nan
+    table["mcnemar_p_holm"] = np.nan
+    seed_table["p_holm"] = np.nan
+    for judge, idx in table.groupby("judge").groups.items():
+        table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_bootstrap"])
+    for judge, idx in seed_table.groupby("judge").groups.items():
+        seed_table.loc[idx, "p_holm"] = holm(seed_table.loc[idx, "p"])
+    # the smallest Holm-adjusted McNemar p over the seeds of a comparison
+    adj = seed_table.groupby(["judge", "method", "noise", "benchmark"])["p_holm"].min()
+    table["mcnemar_p_holm"] = [adj.get((r.judge, r.method, r.noise, r.benchmark), np.nan) for r in table.itertuples()]
+    table["significant"] = table["p_holm"] < alpha
+    table["mark"] = table["p_holm"].map(significance_mark)
+    return table[cols], seed_table
+
+
+def category_table(data: pd.DataFrame) -> pd.DataFrame:
+    """Per method x noise x benchmark x category: the metric, mean over seeds, and the number of prompts."""
+    per_seed = (data.groupby([*CELL, "category", "seed"], dropna=False)
+                .agg(rate=("outcome", "mean"), prompts=("id", "nunique")).reset_index())
+    return (per_seed.groupby([*CELL, "category"], dropna=False)
+            .agg(rate=("rate", "mean"), prompts=("prompts", "first"), seeds=("seed", "size")).reset_index())
+
+
+# ------------------------------------------------------------------------------------------- markdown
+def fmt_noise(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else f"{x:.2f}"
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A plain GitHub-markdown table (no tabulate dependency)."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def main_table_wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Benchmarks as columns, cells ``rate ± std [CI]`` (std only with several seeds)."""
+    def cell(r):
+        text = f"{r.rate:.3f}" + (f" ± {r['std']:.3f}" if r.seeds > 1 else "")
+        return text + ("" if math.isnan(r.ci_low) else f" [{r.ci_low:.2f}, {r.ci_high:.2f}]")
+    label = table.apply(lambda r: f"{r.benchmark} ({r.metric.replace('_', ' ')})", axis=1)
+    return (table.assign(cell=table.apply(cell, axis=1), column=label, noise=table["noise"].map(fmt_noise))
+            .pivot_table(index=["method", "noise"], columns="column", values="cell", aggfunc="first", sort=False)
+            .reset_index().rename_axis(columns=None))
+
+
+def main_table_markdown(table: pd.DataFrame, level: float) -> str:
+    seeds = int(table.loc[table.method.ne("base"), "seeds"].max()) if table.method.ne("base").any() else 1
+    return (f"Harmful rate (harmful benchmarks) or refusal rate (over-refusal benchmarks); mean ± std over "
+            f"{seeds} seed(s) per trained cell, [{level:.0%} bootstrap CI over prompts and seeds]\n\n"
+            + markdown(main_table_wide(table)))
+
+
+def comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons table as shown in the report."""
+    if table.empty:
+        return pd.DataFrame(columns=["method", "vs", "noise", "benchmark", "metric", "rate", "diff [CI]", "p",
+                                     "p (Holm)", "McNemar p (min over seeds)", "sig."])
+    return pd.DataFrame({
+        "method": table["method"], "vs": table["reference"], "noise": table["noise"].map(fmt_noise),
+        "benchmark": table["benchmark"], "metric": table["metric"],
+        "rate": [f"{a:.3f} → {b:.3f}" for a, b in zip(table["rate_reference"], table["rate_method"])],
+        "diff [CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                      zip(table["diff"], table["ci_low"], table["ci_high"])],
+        "p": table["p_bootstrap"].map(lambda p: f"{p:.3g}"), "p (Holm)": table["p_holm"].map(lambda p: f"{p:.3g}"),
+        "McNemar p (min over seeds)": table["mcnemar_p_min"].map(lambda p: f"{p:.3g}"),
+        "sig.": table["mark"],
+    })
+
+
+def write_csv(frame: pd.DataFrame, path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--judgements", nargs="+", required=True, help="judgement .jsonl files (summary .json beside each)")
+    p.add_argument("--primary-judge", required=True, help="judge of the main table")
+    p.add_argument("--reference-method", required=True, help="method every other method is compared with")
+    p.add_argument("--n-bootstrap", type=int, default=2000)
+    p.add_argument("--ci-level", type=float, default=0.95)
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction")
+    p.add_argument("--seed", type=int, default=0, help="seed of every bootstrap")
+    p.add_argument("--tables", required=True, help="output folder of the tables")
+    a = p.parse_args(argv)
+
+    data = load_judgements(a.judgements)
+    if a.primary_judge not in set(data["judge"]):
+        raise SystemExit(f"--primary-judge {a.primary_judge!r}: no judgements by it (judges: {sorted(set(data.judge))})")
+    out = Path(a.tables)
+    rates = rate_table(data, a.n_bootstrap, a.ci_level, a.seed)
+    main_rates = rates[rates["judge"] == a.primary_judge].drop(columns="judge")
+    pooled, by_seed = comparisons(data, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha)
+    write_csv(main_rates, out / "harmful_rate.csv")
+    write_text(out / "harmful_rate.md", main_table_markdown(main_rates, a.ci_level))
+    write_csv(rates, out / "rates_by_judge.csv")
+    write_csv(pooled, out / "comparisons.csv")
+    write_text(out / "comparisons.md", markdown(comparisons_display(pooled[pooled["judge"] == a.primary_judge])))
+    write_csv(by_seed, out / "mcnemar_by_seed.csv")
+    write_csv(category_table(data[data["judge"] == a.primary_judge]).drop(columns="judge"), out / "categories.csv")
+    print(main_table_markdown(main_rates, a.ci_level))
+    print(markdown(comparisons_display(pooled[pooled["judge"] == a.primary_judge])))
+
+
+if __name__ == "__main__":
+    main()
