@@ -75,11 +75,9 @@ rule prepare_benchmark:
         unpack(benchmark_inputs),
     output:
         all="results/data/benchmarks/{benchmark}/all.jsonl",
-        sample="results/data/benchmarks/{benchmark}/sample.jsonl",
     params:
-        spec=lambda wc: as_json(config["benchmarks"][wc.benchmark]),
-        n=lambda wc: config["benchmarks"][wc.benchmark].get("n_prompts", config["evaluation"]["n_prompts"]),
-        seed=config["evaluation"]["seed"],
+        # without the sample size: changing it must not rewrite all.jsonl (the probe data depend on it)
+        spec=lambda wc: as_json({k: v for k, v in config["benchmarks"][wc.benchmark].items() if k != "n_prompts"}),
         base=benchmark_base_arg,
     threads: config["resources"]["prepare"]["threads"]
     resources:
@@ -92,7 +90,29 @@ rule prepare_benchmark:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.prepare_benchmark --name {wildcards.benchmark} --spec-json {params.spec}"
-        " --n-sample {params.n} --seed {params.seed} {params.base} --all {output.all} --sample {output.sample} > {log} 2>&1"
+        " {params.base} --all {output.all} > {log} 2>&1"
+
+
+rule sample_benchmark:
+    input:
+        all=rules.prepare_benchmark.output.all,
+    output:
+        sample="results/data/benchmarks/{benchmark}/sample.jsonl",
+    params:
+        n=lambda wc: config["benchmarks"][wc.benchmark].get("n_prompts", config["evaluation"]["n_prompts"]),
+        seed=config["evaluation"]["seed"],
+    threads: config["resources"]["prepare"]["threads"]
+    resources:
+        **rule_resources("prepare"),
+    log:
+        "results/logs/sample_benchmark/{benchmark}.log",
+    benchmark:
+        "results/benchmarks/sample_benchmark/{benchmark}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.sample_benchmark --all {input.all} --n-sample {params.n} --seed {params.seed}"
+        " --sample {output.sample} > {log} 2>&1"
 
 
 rule probe_data:

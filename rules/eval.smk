@@ -14,7 +14,7 @@ def generation_args():
 rule generate:
     input:
         model=model_dir,
-        prompts=rules.prepare_benchmark.output.sample,
+        prompts=rules.sample_benchmark.output.sample,
     output:
         answers="results/generations/{model}/{benchmark}.jsonl",
     params:

@@ -66,7 +66,7 @@ def test_killed_runs_resume_without_recomputing_and_match_an_uninterrupted_run(r
     base_mtime = base_model.stat().st_mtime_ns
     start_and_kill(workdir, "results/logs/generate/dpo/*/*/*.log", signal.SIGKILL)
     assert list((workdir / ".snakemake/locks").glob("*.lock")), "SIGKILL should leave Snakemake's lock behind"
-    start_and_kill(workdir, "results/logs/judge/shapo/*/*/*.log", signal.SIGKILL)
+    start_and_kill(workdir, "results/logs/judge/*/shapo/*/*/*.log", signal.SIGKILL)
     assert not (workdir / "results/tables/harmful_rate.csv").exists()
     # no temporary file is left where an output should be, and none is taken as an output
     final = run_snakemake(workdir)

@@ -67,3 +67,16 @@ def test_changed_parameter_reruns_only_the_affected_part(reference_run, tmp_path
                          + ["report_tables", "report_figures", "report", "all"])
     assert (workdir / "results/policies/dpo/noise0/seed0/model.safetensors").stat().st_mtime_ns == dpo_weights
     assert len(read_table(workdir)) == len(before)
+
+
+def test_new_sample_size_reruns_generation_but_not_the_probe_or_the_policies(reference_run, tmp_path):
+    """all.jsonl (what the probe is de-duplicated against) is its own rule's output, apart from the sample."""
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    config = yaml.safe_load(open(workdir / "config.yaml"))
+    config["benchmarks"]["harmbench"]["n_prompts"] = 2  # a benchmark's own sample size
+    yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
+    proc = run_snakemake(workdir, "--dry-run")
+    ran = sorted(jobs_run(proc))
+    # base + 2 methods x 2 noise rates answer the new HarmBench sample; nothing upstream reruns
+    assert ran == sorted(["sample_benchmark"] + ["generate"] * 5 + ["judge"] * 5
+                         + ["report_tables", "report_figures", "report", "all"])

@@ -1,8 +1,11 @@
-"""Write one evaluation benchmark's prompts, and a seeded sample of them for generation.
+"""Write every prompt of one evaluation benchmark (``all.jsonl``); ``--sample`` also writes the seeded sample.
 
     python -m workflow.prepare_benchmark --name harmbench \
         --spec-json '{"source": {"path": "../shared/data/harmbench/harmbench_behaviors_text_all.csv"}, "prompt_column": "Behavior", "category_column": "SemanticCategory", "filter": {"FunctionalCategory": "standard"}}' \
-        --n-sample 48 --seed 0 --all results/data/benchmarks/harmbench/all.jsonl --sample results/data/benchmarks/harmbench/sample.jsonl
+        --all results/data/benchmarks/harmbench/all.jsonl
+
+In the workflow the sample is its own rule (``workflow.sample_benchmark``), so changing the sample size does not rewrite ``all.jsonl`` and therefore does not
+rerun the probe, the subspace and the ShaPO policies that depend on it.
 
 A benchmark is either read from a source (a local CSV/JSON/JSONL/parquet file or folder, a hub id,
 or a workflow output under ``results/``) with a prompt column, an optional category column, an
@@ -75,19 +78,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--spec-json", required=True, help="the benchmark's config entry as JSON")
-    p.add_argument("--n-sample", type=int, required=True, help="prompts to answer (0 = all)")
+    p.add_argument("--n-sample", type=int, default=0, help="prompts to answer (0 = all), with --sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-prompts", help="all.jsonl of the base benchmark (jailbreak-wrapped sets only)")
     p.add_argument("--all", required=True)
-    p.add_argument("--sample", required=True)
+    p.add_argument("--sample", help="also write the seeded sample here")
     a = p.parse_args(argv)
 
     spec = json.loads(a.spec_json)
     prompts = build_prompts(spec, a.name, a.base_prompts)
-    sample = sample_prompts(prompts, a.n_sample, a.seed)
     write_jsonl(a.all, prompts)
-    write_jsonl(a.sample, sample)
-    print(json.dumps({"benchmark": a.name, "prompts": len(prompts), "sampled": len(sample)}))
+    if a.sample:
+        write_jsonl(a.sample, sample_prompts(prompts, a.n_sample, a.seed))
+    print(json.dumps({"benchmark": a.name, "prompts": len(prompts)}))
 
 
 if __name__ == "__main__":
