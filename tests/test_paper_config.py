@@ -42,7 +42,8 @@ def test_paper_config_dry_runs_offline(tmp_path):
     # 2 methods x 5 noise rates x 1 seed; 3 benchmarks x (base + 10 policies); the SFT stage once
     assert counts["train_policy"] == 10 and counts["inject_noise"] == 5
     assert counts["sft"] == 1 and counts["prepare_benchmark"] == 3
-    assert counts["generate"] == 33 and counts["judge"] == 33
+    # three judges (MD-Judge, Nemotron, refusal markers) label every answer; their agreement table once
+    assert counts["generate"] == 33 and counts["judge"] == 99 and counts["judge_agreement"] == 1
 
     paper = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
     (model_cmd,) = shell_commands(out, "prepare_model")
