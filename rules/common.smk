@@ -192,7 +192,17 @@ def start_model():
 def rule_resources(group):
     """mem_mb, runtime and gpu of a rule group (config `resources`); use with `resources: **rule_resources(g)`."""
     r = config["resources"][group]
-    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": r["gpu"]}
+    gpu = r["gpu"]
+    if group == "train_policy":  # a data-parallel policy needs one GPU per process
+        gpu = max(gpu, config["training"]["devices"])
+    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": gpu}
+
+
+def training_launcher():
+    """``python``, or torchrun with one process per device when ``training.devices`` > 1 (data-parallel
+    training; ``--standalone`` picks a free rendezvous port on the node, so parallel jobs do not collide)."""
+    devices = config["training"]["devices"]
+    return "python" if devices == 1 else f"python -m torch.distributed.run --standalone --nproc_per_node {devices}"
 
 
 def judge_group(judge):

@@ -5,7 +5,7 @@
 def generation_args():
     """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
     e = config["evaluation"]
-    args = f"--backend {e['backend']} --seed {e['seed']}"
+    args = f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
     if e["do_sample"]:
         args += f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}"
     return args

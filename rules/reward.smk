@@ -22,7 +22,7 @@ rule train_reward_model:
     params:
         model=lambda wc, input: f"--model {input.model}" if input.model else "",
         spec=as_json({k: v for k, v in REWARD.items() if k != "beta_r_plot"}),
-        settings=as_json({k: config["training"][k] for k in ("max_length", "max_prompt_length")}
+        settings=as_json({k: config["training"][k] for k in ("max_length", "max_prompt_length", "precision")}
                          | {"prompt_format": config["model"]["prompt_format"]}),
     threads: config["resources"]["train_reward_model"]["threads"]
     resources:

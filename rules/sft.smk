@@ -12,7 +12,7 @@ rule sft:
     params:
         sft=as_json({k: v for k, v in config["sft"].items() if k != "enabled"}),
         training=as_json(
-            {k: config["training"][k] for k in ("max_length", "max_prompt_length", "max_grad_norm")}
+            {k: config["training"][k] for k in ("max_length", "max_prompt_length", "max_grad_norm", "precision")}
             | {"prompt_format": config["model"]["prompt_format"]}
         ),
     threads: config["resources"]["sft"]["threads"]

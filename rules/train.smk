@@ -1,6 +1,6 @@
 # Training stage: reference log-probs once, then one policy per method x noise rate x seed.
 
-TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size")
+TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size", "precision")
 
 
 rule reference_logps:
@@ -46,6 +46,7 @@ rule train_policy:
         rewards=lambda wc, input: f"--rewards {input.rewards}" if input.rewards else "",
         method=lambda wc: as_json(config["presets"][wc.method]),
         settings=as_json(config["training"] | {"prompt_format": config["model"]["prompt_format"]}),
+        launcher=training_launcher(),
     threads: config["resources"]["train_policy"]["threads"]
     resources:
         **rule_resources("train_policy"),
@@ -56,6 +57,6 @@ rule train_policy:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.train_policy --model {input.model} --pairs {input.pairs} --reference {input.reference}"
+        "{params.launcher} -m workflow.train_policy --model {input.model} --pairs {input.pairs} --reference {input.reference}"
         " {params.subspace} {params.rewards} --method-json {params.method} --training-json {params.settings}"
-        " --seed {wildcards.seed} --threads {threads} --output {output.policy} --log {output.log} > {log} 2>&1"
+        " --seed {wildcards.seed} --threads {threads} --output {output.policy} --train-log {output.log} > {log} 2>&1"

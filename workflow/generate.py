@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from workflow.files import read_jsonl, write_jsonl
-from workflow.models import format_prompt, load_model, load_tokenizer
+from workflow.models import format_prompt, load_model, load_tokenizer, placement
 
 BACKENDS = ("transformers", "vllm")
 
@@ -74,6 +74,7 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              **sampling.generate_kwargs())
         for i, seq in zip(idx, out[:, enc["input_ids"].shape[1]:].tolist()):
@@ -124,6 +125,8 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--backend", default="transformers", choices=BACKENDS)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on a visible GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
@@ -138,7 +141,8 @@ def main(argv=None):
         answers = generate_answers_vllm(a.model, prompts, a.max_new_tokens, a.prompt_format, sampling)
     else:
         tokenizer = load_tokenizer(a.model, padding_side="left")
-        model = load_model(a.model).eval()
+        device, dtype = placement(a.precision)
+        model = load_model(a.model, dtype=dtype, device=device).eval()
         answers = generate_answers(model, tokenizer, prompts, a.max_new_tokens, a.batch_size, a.prompt_format,
                                    sampling)
     write_jsonl(a.output, [{**r, "answer": ans} for r, ans in zip(rows, answers)])

@@ -109,3 +109,27 @@ def reduce_losses(losses: torch.Tensor, dr_beta: float | None = None) -> torch.T
     if dr_beta is None:
         return losses.mean()
     return -dr_beta * (torch.logsumexp(-losses / dr_beta, dim=0) - math.log(losses.numel()))
+
+
+def data_parallel_reduction(losses: torch.Tensor, dr_beta: float | None, world: int, all_sum, all_max):
+    """The batch loss when the batch is split over ``world`` data-parallel processes.
+
+    Returns (surrogate, value): ``value`` is ``reduce_losses`` of the whole batch (all processes'
+    pairs), identical on every process; ``surrogate`` is this process's share Σ_local w_i·ℓ_i·world,
+    with w_i = ∂value/∂ℓ_i held constant (1/N for the mean, the softmax of −ℓ/β′ for Dr.DPO), so the
+    gradients averaged over processes (what DDP does) are exactly the whole batch's gradient, also
+    for Dr.DPO's log-mean-exp, which does not split into per-process means. ``all_sum`` and
+    ``all_max`` reduce a tensor over the processes (identity with one process).
+    """
+    detached = losses.detach()
+    n = all_sum(torch.tensor(float(losses.numel()), device=losses.device))
+    if dr_beta is None:
+        value = all_sum(detached.sum()) / n
+        weights = torch.ones_like(detached) / n
+    else:
+        a = -detached / dr_beta
+        top = all_max(a.max() if a.numel() else torch.tensor(-math.inf, device=a.device))
+        total = all_sum(torch.exp(a - top).sum())
+        value = -dr_beta * (top + torch.log(total) - torch.log(n))
+        weights = torch.exp(a - top) / total
+    return world * (weights * losses).sum(), value

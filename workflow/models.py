@@ -78,6 +78,16 @@ def trusts_remote_code(folder) -> bool:
     return path.exists() and json.loads(path.read_text()).get("trust_remote_code") is True
 
 
+def placement(precision: str = "auto") -> tuple[str, torch.dtype]:
+    """(device, dtype) of an inference stage: a visible GPU in bf16 (``auto`` or ``bf16``), else the CPU
+    in fp32 (``auto``: CPU bf16 matmuls are slower than fp32 on most CPUs) — config ``training.precision``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"training.precision: {precision!r}; expected auto, fp32 or bf16")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
 def load_model(folder, dtype=torch.float32, device: str = "cpu"):
     """A model prepared by ``workflow.prepare_model`` or ``workflow.train_policy`` (safetensors)."""
     from transformers import AutoModelForCausalLM

@@ -15,7 +15,7 @@ import json
 import torch
 
 from workflow.files import read_jsonl, write_jsonl
-from workflow.models import load_model, load_tokenizer
+from workflow.models import load_model, load_tokenizer, placement
 from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
 
 
@@ -27,7 +27,7 @@ def score_pairs(model, tokenizer, records: list[dict], settings: dict) -> list[d
         chunk = records[i:i + bs]
         enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings.get("prompt_format", "auto")) for r in chunk]
-        logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).tolist()
+        logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).float().tolist()
         for j, r in enumerate(chunk):
             out.append({"pair_id": r["pair_id"], "truncated": enc[j]["truncated"],
                         "logps": {text_key(r["chosen"]): logps[j], text_key(r["rejected"]): logps[len(chunk) + j]}})
@@ -45,8 +45,10 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    model = load_model(a.model).eval()
-    rows = score_pairs(model, load_tokenizer(a.model), read_jsonl(a.pairs), json.loads(a.training_json))
+    settings = json.loads(a.training_json)
+    device, dtype = placement(settings.get("precision", "auto"))
+    model = load_model(a.model, dtype=dtype, device=device).eval()
+    rows = score_pairs(model, load_tokenizer(a.model), read_jsonl(a.pairs), settings)
     write_jsonl(a.output, rows)
     print(json.dumps({"pairs": len(rows), "truncated": sum(r["truncated"] for r in rows)}))
 

@@ -31,7 +31,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from workflow.files import read_jsonl, write_json, write_jsonl
-from workflow.models import format_prompt, load_model, load_tokenizer
+from workflow.models import format_prompt, load_model, load_tokenizer, placement
 from workflow.pairs import collate_pairs, encode_response_pair, text_key
 
 KINDS = ("bt_head", "hub")
@@ -47,10 +47,11 @@ def answer_features(model, tokenizer, records: list[dict], settings: dict, layer
         enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings.get("prompt_format", "auto")) for r in recs]
         batch = collate_pairs(enc, tokenizer.pad_token_id)
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        device = next(model.parameters()).device
+        hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        output_hidden_states=True).hidden_states[layer].float()
-        mask = batch["loss_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        mask = batch["loss_mask"].unsqueeze(-1).to(hidden)
+        pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
         chosen.append(pooled[:len(recs)])
         rejected.append(pooled[len(recs):])
     return np.concatenate(chosen), np.concatenate(rejected)
@@ -140,7 +141,8 @@ class RewardScorer:
         if kind == "bt_head":
             if not model_dir:
                 raise ValueError("reward_model.kind bt_head needs the base model (--model)")
-            self.model, self.tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+            device, dtype = placement(settings.get("precision", "auto"))
+            self.model, self.tokenizer = load_model(model_dir, dtype, device).eval(), load_tokenizer(model_dir)
         else:
             if not spec.get("name_or_path"):
                 raise ValueError("reward_model.name_or_path: required with reward_model.kind hub")

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.models import PROVENANCE, load_model, load_tokenizer
+from workflow.models import PROVENANCE, load_model, load_tokenizer, placement
 from workflow.pairs import encode_response_pair
 from workflow.train_policy import make_optimizer
 
@@ -112,8 +112,8 @@ def main(argv=None):
     records = read_jsonl(a.pairs)
     if not records:
         raise ValueError(f"{a.pairs}: no training pairs to fine-tune on")
-    cuda = torch.cuda.is_available()
-    model = load_model(a.model, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+    device, dtype = placement(training.get("precision", "auto"))
+    model = load_model(a.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(a.model)
     log = train_sft(model, tokenizer, records, sft, training)
     with atomic_dir(a.output) as tmp:

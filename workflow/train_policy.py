@@ -4,7 +4,7 @@
         --reference results/data/preferences/reference_logps.jsonl --subspace results/subspace/neurons.safetensors \
         --method-json '{"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, "gamma_min": 2e-6, "gamma_max": 4e-6}}' \
         --training-json '{"batch_size": 4, "epochs": 1, "lr": 5e-6, ...}' --seed 0 \
-        --output results/policies/shapo/noise0.4/seed0 --log results/policies/shapo/noise0.4/seed0.tsv
+        --output results/policies/shapo/noise0.4/seed0 --train-log results/policies/shapo/noise0.4/seed0.tsv
 
 Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gradients at θ,
 the perturbed weights (``subspace``: probe-selected neurons, random, uniform or all) moved
@@ -13,12 +13,21 @@ again at that point, weights restored exactly, and the optimizer step taken with
 gradients. A method with ``reward_labels`` is reward-level: each pair's label is the soft label
 p = σ(β_r·(r_chosen − r_rejected)) from ``--rewards`` (workflow.reward_model) and the loss the
 cross-entropy between p and σ(β·h). Checkpoints every ``checkpoint_every`` steps let a killed job resume.
+
+Runs on a GPU when one is visible (``precision: auto`` = bf16 autocast there, fp32 on CPU). Under
+``torchrun --nproc_per_node N`` (the rule does this for ``training.devices: N``) it trains data-parallel
+through accelerate (DDP; gloo on CPU, NCCL on GPUs): each global batch is split over the processes,
+gradients are averaged before the perturbation, so every process moves the same selected columns by
+the same amount, and the result equals a one-process run on the whole batch (Dr.DPO included, see
+``losses.data_parallel_reduction``). Only process 0 writes checkpoints and outputs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -31,7 +40,7 @@ from safetensors.torch import load_file, safe_open
 
 from workflow.checkpoint import Checkpointer, file_digest, fingerprint
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.losses import LOSSES, PairLogps, pair_losses, reduce_losses, soft_labels
+from workflow.losses import LOSSES, PairLogps, data_parallel_reduction, pair_losses, reduce_losses, soft_labels
 from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
 from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
 from workflow.select_subspace import split_by_layer
@@ -120,28 +129,98 @@ def attach_soft_labels(records: list[dict], reward_rows: list[dict], beta_r: flo
         r["soft_label"] = float(soft_labels(torch.tensor(r_chosen), torch.tensor(r_rejected), beta_r))
 
 
-def preference_loss(model, batch: dict, records: list[dict], method: dict):
-    """(batch loss, h [B]) for one batch under the method's loss and reduction."""
-    logps, counts, n = sequence_logps(model, batch), answer_token_counts(batch), len(records)
-    labels = torch.tensor([r["soft_label"] for r in records]) if "reward_labels" in method else None
-    pair = PairLogps(logps[:n], logps[n:], torch.tensor([r["ref_chosen"] for r in records]),
-                     torch.tensor([r["ref_rejected"] for r in records]), counts[:n], counts[n:], labels)
-    loss = reduce_losses(pair_losses(method, pair), method.get("dr_beta"))
-    return loss, pair.h.detach()
+class DataParallel:
+    """This process's place in (data-parallel) training: device, precision, rank and world size.
+
+    accelerate sets up the device and, under torchrun, the process group; with one process
+    (world 1) the reductions are the identity and the loop is the plain one-process loop.
+    """
+
+    def __init__(self, precision: str = "auto"):
+        from accelerate import Accelerator
+
+        cuda = torch.cuda.is_available()
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"training.precision: {precision!r}; expected auto, fp32 or bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        # accelerate's state is one per process, so its settings must not vary between calls: bf16
+        # autocast is applied here (``autocast``), not through Accelerator(mixed_precision=...)
+        self.accelerator = Accelerator(cpu=not cuda)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.device = self.accelerator.device
+        self.main = self.accelerator.is_main_process
+
+    def autocast(self):
+        """bf16 autocast of the forward pass when bf16 is on (weights and optimizer state stay fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t, op=op)
+        return t
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.SUM)
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.MAX)
+
+    def average_gradients(self, weights) -> None:
+        """Average ``.grad`` of weights DDP does not track (frozen LoRA base weights on ShaPO steps)."""
+        if self.world > 1:
+            for w in weights:
+                torch.distributed.all_reduce(w.grad)
+                w.grad /= self.world
+
+    def share(self, idx: np.ndarray) -> np.ndarray:
+        """This process's part of a global batch (contiguous, sizes differing by at most one)."""
+        return np.array_split(idx, self.world)[self.rank]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
 
 
-def gradients_at_perturbed_point(model, batch, records, method, selected, gamma: float, step: int) -> float:
+def preference_loss(model, batch: dict, records: list[dict], method: dict, parallel: DataParallel | None = None):
+    """(loss to differentiate, batch loss value, h [B]) for one batch under the method's loss and reduction.
+
+    With several processes the value is the whole global batch's loss and the differentiated loss
+    this process's share of it (``data_parallel_reduction``); with one they are the same tensor.
+    """
+    with parallel.autocast() if parallel is not None else contextlib.nullcontext():
+        logps = sequence_logps(model, batch)
+    counts, n = answer_token_counts(batch), len(records)
+    device = logps.device
+    labels = torch.tensor([r["soft_label"] for r in records], device=device) if "reward_labels" in method else None
+    pair = PairLogps(logps[:n].float(), logps[n:].float(),
+                     torch.tensor([r["ref_chosen"] for r in records], device=device),
+                     torch.tensor([r["ref_rejected"] for r in records], device=device),
+                     counts[:n].to(device), counts[n:].to(device), labels)
+    losses = pair_losses(method, pair)
+    if parallel is None or parallel.world == 1:
+        loss = reduce_losses(losses, method.get("dr_beta"))
+        return loss, loss.detach(), pair.h.detach()
+    surrogate, value = data_parallel_reduction(losses, method.get("dr_beta"), parallel.world,
+                                               parallel.all_sum, parallel.all_max)
+    return surrogate, value, pair.h.detach()
+
+
+def gradients_at_perturbed_point(model, batch, records, method, selected, gamma: float, step: int,
+                                 parallel: DataParallel | None = None, global_records=None, frozen=()) -> float:
     """ShaPO's second pass: move the selected weights by γ·∇ (using the gradients already in
     ``.grad``), recompute loss and gradients there, restore the weights exactly. Leaves the
     perturbed-point gradients in ``.grad``; returns the perturbed-point loss."""
     saved = perturb_selected(selected, gamma)
     for p in model.parameters():
         p.grad = None
-    loss, _ = preference_loss(model, batch, records, method)
-    check_finite(loss, step, records, "perturbed")
+    loss, value, _ = preference_loss(model, batch, records, method, parallel)
+    check_finite(value, step, global_records or records, "perturbed")
     loss.backward()
+    if parallel is not None:
+        parallel.average_gradients(frozen)
     restore_selected(selected, saved)
-    return loss.item()
+    return value.item()
 
 
 def apply_lora(model, lora: dict):
@@ -181,13 +260,34 @@ def make_optimizer(model, settings: dict, total_steps: int):
     return opt, get_scheduler(settings.get("schedule", "linear"), opt, warmup, total_steps)
 
 
-def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None):
+def pairs_used(n_records: int, batch_size: int, world: int) -> int:
+    """Pairs trained on per epoch: all, unless a last partial batch has fewer pairs than processes
+    (each process needs at least one), which is then left out of the epoch, with a note in the log."""
+    if batch_size < world:
+        raise ValueError(f"training.batch_size ({batch_size}) is the global batch and must be at least "
+                         f"training.devices ({world}): every process needs pairs")
+    rest = n_records % batch_size
+    return n_records - rest if 0 < rest < world else n_records
+
+
+def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
+          parallel: DataParallel | None = None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
     With a ``checkpointer`` the loop saves every few steps and first resumes from a matching
     checkpoint, restoring weights, optimizer, schedule, batch order and every RNG, so a resumed
-    run ends with the same weights as an uninterrupted one.
+    run ends with the same weights as an uninterrupted one. ``parallel`` places the model and
+    splits each batch over data-parallel processes (default: this process alone).
     """
+    parallel = parallel or DataParallel(settings.get("precision", "auto"))
+    used = pairs_used(len(records), settings["batch_size"], parallel.world)
+    if used < len(records) and parallel.main:
+        print(json.dumps({"left_out_per_epoch": len(records) - used, "reason": "last batch smaller than devices"}),
+              flush=True)
+    model.to(parallel.device)
+    # DDP (several processes) comes from accelerate; the unwrapped ``model`` keeps
+    # the same Parameter objects, so ``selected`` and checkpoints refer to it
+    forward = parallel.accelerator.prepare_model(model)
     rng = np.random.default_rng(seed)
     gamma_rng = random.Random(seed)
     sharp = method.get("sharpness")
@@ -196,7 +296,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings.get("prompt_format", "auto")) for r in records]
     bs = settings["batch_size"]
-    steps_per_epoch = math.ceil(len(records) / bs)
+    steps_per_epoch = math.ceil(used / bs)
     total = steps_per_epoch * settings["epochs"]
     optimizer, scheduler = make_optimizer(model, settings, total)
     log, step, first_epoch, order = [], 0, 0, None
@@ -208,10 +308,12 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
     for epoch in range(first_epoch, settings["epochs"]):
         if order is None:
             order = rng.permutation(len(records))
-        for start in range((step - epoch * steps_per_epoch) * bs, len(order), bs):
+        for start in range((step - epoch * steps_per_epoch) * bs, used, bs):
             step += 1
             t0 = time.perf_counter()
             idx = order[start:start + bs]
+            recs_all = [records[i] for i in idx]
+            idx = parallel.share(idx)
             recs = [records[i] for i in idx]
             batch = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
             sharp_step = bool(sharp) and step % sharp["interval"] == 0
@@ -221,14 +323,16 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
                 if sharp_step else []
             for w in frozen:
                 w.requires_grad_(True)
-            loss, h = preference_loss(model, batch, recs, method)
-            check_finite(loss, step, recs, "training")
+            loss, value, h = preference_loss(forward, batch, recs, method, parallel)
+            check_finite(value, step, recs_all, "training")
             loss.backward()
-            row = {"step": step, "epoch": epoch, "loss": loss.item(), "loss_perturbed": float("nan"),
+            parallel.average_gradients(frozen)
+            row = {"step": step, "epoch": epoch, "loss": value.item(), "loss_perturbed": float("nan"),
                    "sharpness_step": False, "gamma": 0.0}
             if sharp_step:
                 gamma = step_size(sharp, selected, gamma_rng)
-                loss2 = gradients_at_perturbed_point(model, batch, recs, method, selected, gamma, step)
+                loss2 = gradients_at_perturbed_point(forward, batch, recs, method, selected, gamma, step,
+                                                     parallel, recs_all, frozen)
                 row.update(loss_perturbed=loss2, sharpness_step=True, gamma=gamma)
             for w in frozen:
                 w.requires_grad_(False)
@@ -237,21 +341,30 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            flipped = torch.tensor([bool(r.get("flipped", False)) for r in recs])
+            flipped = torch.tensor([bool(r.get("flipped", False)) for r in recs], device=h.device)
             correct = (h > 0).float()
+            # margin and accuracies over the whole global batch: sums over every process's pairs
+            margin, right_clean, n_clean, right_flipped, n_flipped = parallel.all_sum(torch.stack([
+                (method["beta"] * h).sum(), correct[~flipped].sum(), (~flipped).sum().float(),
+                correct[flipped].sum(), flipped.sum().float()])).tolist()
             row.update({
-                "margin": (method["beta"] * h).mean().item(),
-                "acc_clean": correct[~flipped].mean().item() if (~flipped).any() else float("nan"),
-                "acc_flipped": correct[flipped].mean().item() if flipped.any() else float("nan"),
-                "n_clean": int((~flipped).sum()), "n_flipped": int(flipped.sum()),
+                "margin": margin / len(recs_all),
+                "acc_clean": right_clean / n_clean if n_clean else float("nan"),
+                "acc_flipped": right_flipped / n_flipped if n_flipped else float("nan"),
+                "n_clean": int(n_clean), "n_flipped": int(n_flipped),
                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                 "seconds": time.perf_counter() - t0,
             })
             log.append(row)
-            print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}), flush=True)
+            if parallel.main:
+                print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}),
+                      flush=True)
             if checkpointer and checkpointer.due(step, total):
-                checkpointer.save(model, optimizer, scheduler,
-                                  {"step": step, "epoch": epoch, "order": order.tolist(), "log": log}, (rng, gamma_rng))
+                if parallel.main:
+                    checkpointer.save(model, optimizer, scheduler, {"step": step, "epoch": epoch,
+                                                                    "order": order.tolist(), "log": log},
+                                      (rng, gamma_rng))
+                parallel.barrier()
         order = None
     return log
 
@@ -268,14 +381,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True, help="folder for the trained weights (safetensors)")
-    p.add_argument("--log", required=True, help="per-step training log (TSV)")
+    # --train-log first: torchrun, which launches data-parallel runs, reads an abbreviated "--log" as its own --log-dir
+    p.add_argument("--train-log", "--log", dest="log", required=True, help="per-step training log (TSV)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: <output>.checkpoint); removed after success")
     a = p.parse_args(argv)
     method, settings = json.loads(a.method_json), json.loads(a.training_json)
     if method["loss"] not in LOSSES:
         raise ValueError(f"method loss {method['loss']!r} is unknown; expected one of {LOSSES}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads:  # the job's threads, shared by its data-parallel processes
+        torch.set_num_threads(max(1, a.threads // int(os.environ.get("WORLD_SIZE", "1"))))
     torch.manual_seed(a.seed)
 
     records = read_jsonl(a.pairs)
@@ -299,7 +413,12 @@ def main(argv=None):
                       str(Path(a.model).resolve()))
     checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint",
                                 settings.get("checkpoint_every", 0), key)
-    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer)
+    parallel = DataParallel(settings.get("precision", "auto"))
+    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel)
+    if parallel.world > 1:
+        torch.distributed.destroy_process_group()
+        if not parallel.main:  # every process holds the same weights; process 0 writes them
+            return
 
     if settings.get("lora"):
         model = model.merge_and_unload()  # downstream stages load an ordinary model

@@ -1,0 +1,165 @@
+"""GPU figures on a randomly initialised model with a real architecture (default: Llama-3.2-1B's config).
+
+    python bench/gpu_step_time.py [--arch llama-3.2-1b] [--batch-size 8] [--seq 512] [--steps 11] \
+        [--peak-tflops 989] [--out results/bench/gpu_step_time.json]
+
+Seconds per optimizer step for DPO and ShaPO at interval 1 and 5 (the workflow's own ``train``,
+bf16 autocast), their ratios, training tokens/s and model FLOPs utilisation
+(6·params·tokens per forward/backward pass, two passes on a sharpness-aware step, over the
+device's peak bf16 FLOP/s), generation tokens/s (batch 16, 128 new tokens) and peak GPU memory.
+Nothing is downloaded: the architecture is written out below and the tokenizer is the embedded
+SmolLM2 one (its ids fit in the larger vocabulary). Without a GPU it runs on the CPU in fp32 —
+only useful as a smoke check, e.g. ``--layers 1 --seq 64 --batch-size 2 --steps 3``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARCHS = {  # published configs (hub config.json), so no download is needed
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5),
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+SHAPO = {"subspace": "probe", "perturbation": "raw", "gamma_min": 2e-6, "gamma_max": 4e-6}
+VARIANTS = {
+    "dpo": {"loss": "dpo", "beta": 0.1},
+    "shapo_interval5": {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, **SHAPO}},
+    "shapo_interval1": {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 1, **SHAPO}},
+}
+
+
+def random_model(arch: str, layers: int | None, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = dict(ARCHS[arch], num_hidden_layers=layers or ARCHS[arch]["num_hidden_layers"])
+    config = LlamaConfig(**spec, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def synthetic_pairs(tokenizer, n: int, seq: int, seed: int = 0) -> list[dict]:
+    """Pairs of random-token texts long enough to fill ``seq`` tokens after truncation."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(len(tokenizer), 49152)
+
+    def text(k):
+        return tokenizer.decode(torch.randint(1000, vocab, (k,), generator=g).tolist())
+
+    return [{"pair_id": f"s{i}", "messages": [{"role": "user", "content": text(seq // 2)}],
+             "chosen": text(seq // 2), "rejected": text(seq // 2), "flipped": False} for i in range(n)]
+
+
+def one_percent_neurons(model, seed: int = 0):
+    """A ShaPO budget without a probe: 1% of every layer's MLP output neurons, drawn at random."""
+    from workflow.models import mlp_output_projections
+    from workflow.sharpness import SelectedNeurons
+
+    g = torch.Generator().manual_seed(seed)
+    return [SelectedNeurons(l.weight, torch.randperm(l.n_neurons, generator=g)[: max(1, l.n_neurons // 100)]
+                            .to(l.weight.device), l.axis) for l in mlp_output_projections(model)]
+
+
+def peak_flops(a, device: str) -> float | None:
+    if a.peak_tflops:
+        return a.peak_tflops * 1e12
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama-3.2-1b", choices=sorted(ARCHS))
+    p.add_argument("--layers", type=int, help="fewer layers than the architecture (smoke checks)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--seq", type=int, default=512, help="tokens per prompt + answer")
+    p.add_argument("--steps", type=int, default=11, help="optimizer steps per variant (the first is not timed)")
+    p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s (default: looked up by name)")
+    p.add_argument("--out", default="results/bench/gpu_step_time.json")
+    a = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from workflow.files import write_json
+    from workflow.models import embedded_gguf
+    from workflow.reference_logps import score_pairs
+    from workflow.train_policy import DataParallel, attach_reference, train
+
+    gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    parallel = DataParallel("auto")
+    device = parallel.device.type
+    settings = {"batch_size": a.batch_size, "epochs": 1, "lr": 1e-6, "warmup_ratio": 0.0, "max_length": a.seq,
+                "max_prompt_length": a.seq // 2}
+    records = synthetic_pairs(tokenizer, a.steps * a.batch_size, a.seq)
+    model = random_model(a.arch, a.layers, tokenizer).to(parallel.device)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), parallel.autocast():
+        attach_reference(records, score_pairs(model.eval(), tokenizer, records, settings), "synthetic")
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flops = peak_flops(a, device)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "arch": a.arch,
+              "layers": model.config.num_hidden_layers, "params": params, "precision": "bf16" if parallel.bf16 else "fp32",
+              "batch_pairs": a.batch_size, "seq": a.seq, "variants": {}}
+    for name, method in VARIANTS.items():
+        model.load_state_dict(initial)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        selected = one_percent_neurons(model) if "sharpness" in method else None
+        log = train(model, tokenizer, records, method, settings, seed=0, selected=selected, parallel=parallel)
+        timed = log[1:]
+        seconds = sum(r["seconds"] for r in timed)
+        passes = sum(2 if r["sharpness_step"] else 1 for r in timed)
+        tokens = 2 * a.batch_size * a.seq * len(timed)  # chosen + rejected sequences, padded length as an upper bound
+        row = {"median_s_per_step": statistics.median(r["seconds"] for r in timed),
+               "mean_s_per_step": seconds / len(timed), "train_tokens_per_s": tokens / seconds,
+               "mfu": 6 * params * 2 * a.batch_size * a.seq * passes / seconds / flops if flops else None,
+               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+        result["variants"][name] = row
+        print(name, json.dumps(row), flush=True)
+    dpo = result["variants"]["dpo"]["mean_s_per_step"]
+    for name, row in result["variants"].items():
+        row["ratio_to_dpo"] = row["mean_s_per_step"] / dpo
+
+    model.eval()
+    dtype = torch.bfloat16 if parallel.bf16 else torch.float32
+    gen = model.to(dtype)
+    tokenizer.padding_side = "left"
+    prompts = [r["messages"][0]["content"] for r in records[: a.gen_batch]]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=a.seq // 2).to(parallel.device)
+    kwargs = dict(max_new_tokens=a.gen_tokens, min_new_tokens=a.gen_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        gen.generate(**enc, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.generate(**enc, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    result["generation_tokens_per_s"] = a.gen_batch * a.gen_tokens / (time.perf_counter() - t0)
+    print(json.dumps(result, indent=1))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(a.out, result)
+
+
+if __name__ == "__main__":
+    main()
