@@ -24,7 +24,6 @@ the same amount, and the result equals a one-process run on the whole batch (Dr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from safetensors.torch import load_file, safe_open
 from workflow.checkpoint import Checkpointer, file_digest, fingerprint
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.losses import LOSSES, PairLogps, data_parallel_reduction, pair_losses, reduce_losses, soft_labels
-from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections
+from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections, placement
 from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
 from workflow.select_subspace import split_by_layer
 from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected, step_size
@@ -139,13 +138,11 @@ class DataParallel:
     def __init__(self, precision: str = "auto"):
         from accelerate import Accelerator
 
-        cuda = torch.cuda.is_available()
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"training.precision: {precision!r}; expected auto, fp32 or bf16")
-        self.bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        device, dtype = placement(precision)  # the same precision rule as the inference stages
+        self.bf16 = dtype == torch.bfloat16
         # accelerate's state is one per process, so its settings must not vary between calls: bf16
         # autocast is applied here (``autocast``), not through Accelerator(mixed_precision=...)
-        self.accelerator = Accelerator(cpu=not cuda)
+        self.accelerator = Accelerator(cpu=device == "cpu")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
@@ -182,13 +179,13 @@ class DataParallel:
         self.accelerator.wait_for_everyone()
 
 
-def preference_loss(model, batch: dict, records: list[dict], method: dict, parallel: DataParallel | None = None):
+def preference_loss(model, batch: dict, records: list[dict], method: dict, parallel: DataParallel):
     """(loss to differentiate, batch loss value, h [B]) for one batch under the method's loss and reduction.
 
     With several processes the value is the whole global batch's loss and the differentiated loss
     this process's share of it (``data_parallel_reduction``); with one they are the same tensor.
     """
-    with parallel.autocast() if parallel is not None else contextlib.nullcontext():
+    with parallel.autocast():
         logps = sequence_logps(model, batch)
     counts, n = answer_token_counts(batch), len(records)
     device = logps.device
@@ -198,7 +195,7 @@ def preference_loss(model, batch: dict, records: list[dict], method: dict, paral
                      torch.tensor([r["ref_rejected"] for r in records], device=device),
                      counts[:n].to(device), counts[n:].to(device), labels)
     losses = pair_losses(method, pair)
-    if parallel is None or parallel.world == 1:
+    if parallel.world == 1:
         loss = reduce_losses(losses, method.get("dr_beta"))
         return loss, loss.detach(), pair.h.detach()
     surrogate, value = data_parallel_reduction(losses, method.get("dr_beta"), parallel.world,
@@ -207,18 +204,18 @@ def preference_loss(model, batch: dict, records: list[dict], method: dict, paral
 
 
 def gradients_at_perturbed_point(model, batch, records, method, selected, gamma: float, step: int,
-                                 parallel: DataParallel | None = None, global_records=None, frozen=()) -> float:
+                                 parallel: DataParallel, all_records: list[dict], frozen=()) -> float:
     """ShaPO's second pass: move the selected weights by γ·∇ (using the gradients already in
     ``.grad``), recompute loss and gradients there, restore the weights exactly. Leaves the
-    perturbed-point gradients in ``.grad``; returns the perturbed-point loss."""
+    perturbed-point gradients in ``.grad``; returns the perturbed-point loss. ``records`` are this
+    process's pairs, ``all_records`` the global batch's (named when the loss is not finite)."""
     saved = perturb_selected(selected, gamma)
     for p in model.parameters():
         p.grad = None
     loss, value, _ = preference_loss(model, batch, records, method, parallel)
-    check_finite(value, step, global_records or records, "perturbed")
+    check_finite(value, step, all_records, "perturbed")
     loss.backward()
-    if parallel is not None:
-        parallel.average_gradients(frozen)
+    parallel.average_gradients(frozen)
     restore_selected(selected, saved)
     return value.item()
 
