@@ -34,7 +34,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from workflow.generate import generate_texts
+    from workflow.textgen import generate_texts
     from workflow.models import format_prompt, load_model, load_source_model, load_tokenizer
 
     torch.set_num_threads(a.threads)

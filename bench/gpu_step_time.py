@@ -101,14 +101,16 @@ def main(argv=None):
     from workflow.files import write_json
     from workflow.models import embedded_gguf
     from workflow.reference_logps import score_pairs
-    from workflow.train_policy import DataParallel, attach_reference, train
+    from workflow.config import fill_defaults
+    from workflow.parallel import DataParallel
+    from workflow.train_policy import attach_reference, train
 
     gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     parallel = DataParallel("auto")
     device = parallel.device.type
-    settings = {"batch_size": a.batch_size, "epochs": 1, "lr": 1e-6, "warmup_ratio": 0.0, "max_length": a.seq,
-                "max_prompt_length": a.seq // 2}
+    settings = fill_defaults({"batch_size": a.batch_size, "epochs": 1, "lr": 1e-6, "warmup_ratio": 0.0,
+                              "max_length": a.seq, "max_prompt_length": a.seq // 2}, "training") | {"prompt_format": "auto"}
     records = synthetic_pairs(tokenizer, a.steps * a.batch_size, a.seq)
     model = random_model(a.arch, a.layers, tokenizer).to(parallel.device)
     params = sum(p.numel() for p in model.parameters())
@@ -124,7 +126,8 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         selected = one_percent_neurons(model) if "sharpness" in method else None
-        log = train(model, tokenizer, records, method, settings, seed=0, selected=selected, parallel=parallel)
+        log = train(model, tokenizer, records, fill_defaults(method, "presets/*"), settings, seed=0, selected=selected,
+                    parallel=parallel)
         timed = log[1:]
         seconds = sum(r["seconds"] for r in timed)
         passes = sum(2 if r["sharpness_step"] else 1 for r in timed)

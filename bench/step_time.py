@@ -34,12 +34,14 @@ def run_one(a) -> dict:
     sys.path.insert(0, str(ROOT))
     from workflow.files import read_jsonl
     from workflow.models import load_model, load_tokenizer
-    from workflow.train_policy import attach_reference, perturbed_set, train
+    from workflow.config import fill_defaults
+    from workflow.sharpness import perturbed_set
+    from workflow.train_policy import attach_reference, train
 
     torch.set_num_threads(a.threads)
-    method = VARIANTS[a.one]
-    settings = {"batch_size": a.batch_size, "epochs": 1, "lr": 5e-6, "warmup_ratio": 0.0, "max_length": 128,
-                "max_prompt_length": 64}
+    method = fill_defaults(VARIANTS[a.one], "presets/*")
+    settings = fill_defaults({"batch_size": a.batch_size, "epochs": 1, "lr": 5e-6, "warmup_ratio": 0.0, "max_length": 128,
+                              "max_prompt_length": 64}, "training") | {"prompt_format": "auto"}
     records = read_jsonl(a.pairs)[: a.steps * a.batch_size]
     attach_reference(records, read_jsonl(a.reference), a.reference)
     model = load_model(a.model)

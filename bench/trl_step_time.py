@@ -54,20 +54,22 @@ def run_ours(a) -> dict:
 
     from workflow.models import load_source_model
     from workflow.reference_logps import score_pairs
+    from workflow.config import fill_defaults
     from workflow.train_policy import attach_reference, train
 
     model, tokenizer = load_source_model(a.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     records = bench_pairs(tokenizer, a.steps * a.batch_size)
-    settings = {"batch_size": a.batch_size, "epochs": 1, "lr": LR, "warmup_ratio": 0.0, "schedule": "linear",
-                "max_grad_norm": 1.0, "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT}
+    settings = fill_defaults({"batch_size": a.batch_size, "epochs": 1, "lr": LR, "warmup_ratio": 0.0, "schedule": "linear",
+                              "max_grad_norm": 1.0, "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT},
+                             "training") | {"prompt_format": "auto"}
     t0 = time.perf_counter()  # tokenisation is inside score_pairs and train, as TRL's is inside its constructor
     model.eval()
     with torch.no_grad():
         attach_reference(records, score_pairs(model, tokenizer, records, settings), "precomputed")
     precompute = time.perf_counter() - t0
-    log = train(model, tokenizer, records, {"loss": "dpo", "beta": BETA}, settings, seed=0)
+    log = train(model, tokenizer, records, fill_defaults({"loss": "dpo", "beta": BETA}, "presets/*"), settings, seed=0)
     return summary("ours (workflow.train_policy)", [r["seconds"] for r in log], precompute, len(records))
 
 

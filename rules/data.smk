@@ -9,7 +9,7 @@ rule prepare_model:
         remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
     threads: config["resources"]["prepare_model"]["threads"]
     resources:
-        **rule_resources("prepare_model"),
+        **rule_resources(config, "prepare_model"),
     log:
         "results/logs/prepare_model.log",
     benchmark:
@@ -34,7 +34,7 @@ rule prepare_preferences:
         seed=config["preferences"]["seed"],
     threads: config["resources"]["prepare"]["threads"]
     resources:
-        **rule_resources("prepare"),
+        **rule_resources(config, "prepare"),
     log:
         "results/logs/prepare_preferences.log",
     benchmark:
@@ -58,7 +58,7 @@ rule inject_noise:
         seed=lambda wc: config["noise"]["seed"] + int(wc.seed),
     threads: config["resources"]["prepare"]["threads"]
     resources:
-        **rule_resources("prepare"),
+        **rule_resources(config, "prepare"),
     log:
         "results/logs/inject_noise/noise{noise}_seed{seed}.log",
     benchmark:
@@ -81,7 +81,7 @@ rule prepare_benchmark:
         base=benchmark_base_arg,
     threads: config["resources"]["prepare"]["threads"]
     resources:
-        **rule_resources("prepare"),
+        **rule_resources(config, "prepare"),
     log:
         "results/logs/prepare_benchmark/{benchmark}.log",
     benchmark:
@@ -103,7 +103,7 @@ rule sample_benchmark:
         seed=config["evaluation"]["seed"],
     threads: config["resources"]["prepare"]["threads"]
     resources:
-        **rule_resources("prepare"),
+        **rule_resources(config, "prepare"),
     log:
         "results/logs/sample_benchmark/{benchmark}.log",
     benchmark:
@@ -129,7 +129,7 @@ rule probe_data:
         exclude=exclusion_args,
     threads: config["resources"]["prepare"]["threads"]
     resources:
-        **rule_resources("prepare"),
+        **rule_resources(config, "prepare"),
     log:
         "results/logs/probe_data.log",
     benchmark:

@@ -2,15 +2,6 @@
 # by every judge of evaluation.judges; with two judges or more their agreement is tabulated.
 
 
-def generation_args():
-    """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
-    e = config["evaluation"]
-    args = f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
-    if e["do_sample"]:
-        args += f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}"
-    return args
-
-
 rule generate:
     input:
         model=model_dir,
@@ -24,7 +15,7 @@ rule generate:
         decoding=generation_args(),
     threads: config["resources"]["generate"]["threads"]
     resources:
-        **rule_resources("generate"),
+        **rule_resources(config, "generate"),
     log:
         "results/logs/generate/{model}/{benchmark}.log",
     benchmark:
@@ -69,7 +60,7 @@ rule judge_agreement:
         table="results/tables/judge_agreement.csv",
     threads: config["resources"]["report"]["threads"]
     resources:
-        **rule_resources("report"),
+        **rule_resources(config, "report"),
     log:
         "results/logs/judge_agreement.log",
     benchmark:

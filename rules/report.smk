@@ -30,7 +30,7 @@ rule report_tables:
         seed=REPORT["seed"],
     threads: config["resources"]["report"]["threads"]
     resources:
-        **rule_resources("report"),
+        **rule_resources(config, "report"),
     log:
         "results/logs/report_tables.log",
     benchmark:
@@ -46,10 +46,7 @@ rule report_tables:
 rule report_figures:
     input:
         rates="results/tables/harmful_rate.csv",
-        train_logs=expand(rules.train_policy.output.log, zip,
-                          method=[p.split("/")[0] for p in POLICIES],
-                          noise=[p.split("/")[1][len("noise"):] for p in POLICIES],
-                          seed=[p.split("/")[2][len("seed"):] for p in POLICIES]),
+        train_logs=expand(rules.train_policy.output.log, method=METHODS, noise=NOISES, seed=SEEDS),
         subspace=rules.select_subspace.output.summary,
     output:
         expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
@@ -57,7 +54,7 @@ rule report_figures:
         scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
     threads: config["resources"]["report"]["threads"]
     resources:
-        **rule_resources("report"),
+        **rule_resources(config, "report"),
     log:
         "results/logs/report_figures.log",
     benchmark:
@@ -67,26 +64,6 @@ rule report_figures:
     shell:
         "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
         " --subspace {input.subspace} --figures results/figures {params.scatter} > {log} 2>&1"
-
-
-def report_optional_inputs():
-    """Inputs present only in some runs: judge agreement (2+ judges), the reward-level stage."""
-    extra = {}
-    if len(JUDGES) >= 2:
-        extra["judge_agreement"] = "results/tables/judge_agreement.csv"
-    if USES_REWARD:
-        extra["reward_metrics"] = "results/reward/metrics.json"
-        extra["reward_figure"] = "results/figures/reward_soft_labels.png"
-    return extra
-
-
-def report_optional_args(wildcards, input):
-    args = []
-    if "judge_agreement" in input.keys():
-        args.append(f"--judge-agreement {input.judge_agreement}")
-    if "reward_metrics" in input.keys():
-        args.append(f"--reward-metrics {input.reward_metrics}")
-    return " ".join(args)
 
 
 rule report:
@@ -115,7 +92,7 @@ rule report:
         alpha=REPORT["alpha"],
     threads: config["resources"]["report"]["threads"]
     resources:
-        **rule_resources("report"),
+        **rule_resources(config, "report"),
     log:
         "results/logs/report.log",
     benchmark:

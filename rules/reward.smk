@@ -4,12 +4,6 @@
 REWARD = config["reward_model"]
 
 
-def reward_beta_r_values():
-    """β_r values plotted: the configured ones plus those of the reward-level methods being trained."""
-    methods = [config["presets"][m]["reward_labels"]["beta_r"] for m in METHODS if uses_reward(m)]
-    return sorted(set(map(float, REWARD["beta_r_plot"] + methods)))
-
-
 rule train_reward_model:
     input:
         # bt_head reads frozen features of the base model; a hub model needs nothing from the DAG
@@ -22,11 +16,11 @@ rule train_reward_model:
     params:
         model=lambda wc, input: f"--model {input.model}" if input.model else "",
         spec=as_json({k: v for k, v in REWARD.items() if k != "beta_r_plot"}),
-        settings=as_json({k: config["training"][k] for k in ("max_length", "max_prompt_length", "precision")}
-                         | {"prompt_format": config["model"]["prompt_format"]}),
+        settings=as_json({k: config["training"][k] for k in ("max_length", "max_prompt_length", "precision")}),
+        prompt_format=config["model"]["prompt_format"],
     threads: config["resources"]["train_reward_model"]["threads"]
     resources:
-        **rule_resources("train_reward_model"),
+        **rule_resources(config, "train_reward_model"),
     log:
         "results/logs/train_reward_model.log",
     benchmark:
@@ -35,7 +29,8 @@ rule train_reward_model:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.reward_model {params.model} --train {input.train} --heldout {input.heldout}"
-        " --reward-json {params.spec} --training-json {params.settings} --threads {threads}"
+        " --reward-json {params.spec} --training-json {params.settings} --prompt-format {params.prompt_format}"
+        " --threads {threads}"
         " --rewards {output.rewards} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -49,10 +44,10 @@ rule plot_soft_labels:
         figure_pdf="results/figures/reward_soft_labels.pdf",
         table="results/reward/soft_labels.tsv",
     params:
-        betas=" ".join(format(b, "g") for b in reward_beta_r_values()),
+        betas=" ".join(format(b, "g") for b in reward_beta_r_values(config)),
     threads: config["resources"]["report"]["threads"]
     resources:
-        **rule_resources("report"),
+        **rule_resources(config, "report"),
     log:
         "results/logs/plot_soft_labels.log",
     benchmark:

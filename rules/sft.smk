@@ -13,11 +13,11 @@ rule sft:
         sft=as_json({k: v for k, v in config["sft"].items() if k != "enabled"}),
         training=as_json(
             {k: config["training"][k] for k in ("max_length", "max_prompt_length", "max_grad_norm", "precision")}
-            | {"prompt_format": config["model"]["prompt_format"]}
         ),
+        prompt_format=config["model"]["prompt_format"],
     threads: config["resources"]["sft"]["threads"]
     resources:
-        **rule_resources("sft"),
+        **rule_resources(config, "sft"),
     log:
         "results/logs/sft.log",
     benchmark:
@@ -26,4 +26,5 @@ rule sft:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.sft --model {input.model} --pairs {input.pairs} --sft-json {params.sft}"
-        " --training-json {params.training} --threads {threads} --output {output.model} --log {output.log} > {log} 2>&1"
+        " --training-json {params.training} --prompt-format {params.prompt_format} --threads {threads}"
+        " --output {output.model} --log {output.log} > {log} 2>&1"

@@ -18,7 +18,7 @@ rule train_probe:
         ),
     threads: config["resources"]["probe"]["threads"]
     resources:
-        **rule_resources("probe"),
+        **rule_resources(config, "probe"),
     log:
         "results/logs/train_probe.log",
     benchmark:
@@ -43,7 +43,7 @@ rule select_subspace:
         rank=config["subspace"]["rank"],
     threads: config["resources"]["probe"]["threads"]
     resources:
-        **rule_resources("probe"),
+        **rule_resources(config, "probe"),
     log:
         "results/logs/select_subspace.log",
     benchmark:

@@ -11,12 +11,11 @@ rule reference_logps:
         logps="results/data/preferences/reference_logps.jsonl",
     params:
         # only the settings that change the scores, so an lr change does not rerun this
-        settings=as_json(
-            {k: config["training"][k] for k in TRAINING_KEYS} | {"prompt_format": config["model"]["prompt_format"]}
-        ),
+        settings=as_json({k: config["training"][k] for k in TRAINING_KEYS}),
+        prompt_format=config["model"]["prompt_format"],
     threads: config["resources"]["reference_logps"]["threads"]
     resources:
-        **rule_resources("reference_logps"),
+        **rule_resources(config, "reference_logps"),
     log:
         "results/logs/reference_logps.log",
     benchmark:
@@ -25,7 +24,8 @@ rule reference_logps:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.reference_logps --model {input.model} --pairs {input.pairs}"
-        " --training-json {params.settings} --threads {threads} --output {output.logps} > {log} 2>&1"
+        " --training-json {params.settings} --prompt-format {params.prompt_format} --threads {threads}"
+        " --output {output.logps} > {log} 2>&1"
 
 
 rule train_policy:
@@ -35,21 +35,24 @@ rule train_policy:
         reference=rules.reference_logps.output.logps,
         # only methods perturbing the probe subspace (or as many random neurons) read it, so
         # changing it does not retrain DPO or the uniform/full controls
-        subspace=lambda wc: rules.select_subspace.output.neurons if reads_subspace(wc.method) else [],
+        subspace=lambda wc: rules.select_subspace.output.neurons if reads_subspace(config["presets"][wc.method]) else [],
         # reward-level methods only: the reward model's score of every (clean) training pair
-        rewards=lambda wc: rules.train_reward_model.output.rewards if uses_reward(wc.method) else [],
+        rewards=lambda wc: rules.train_reward_model.output.rewards if uses_reward(config["presets"][wc.method]) else [],
     output:
         policy=directory("results/policies/{method}/noise{noise}/seed{seed}"),
         log="results/policies/{method}/noise{noise}/seed{seed}.train_log.tsv",
+        **tensorboard_output(),
     params:
         subspace=lambda wc, input: f"--subspace {input.subspace}" if input.subspace else "",
         rewards=lambda wc, input: f"--rewards {input.rewards}" if input.rewards else "",
         method=lambda wc: as_json(config["presets"][wc.method]),
-        settings=as_json(config["training"] | {"prompt_format": config["model"]["prompt_format"]}),
-        launcher=training_launcher(),
+        settings=as_json(config["training"]),
+        prompt_format=config["model"]["prompt_format"],
+        launcher=training_launcher(config),
+        tensorboard=lambda wc, output: f"--tensorboard {output.tensorboard}" if "tensorboard" in output.keys() else "",
     threads: config["resources"]["train_policy"]["threads"]
     resources:
-        **rule_resources("train_policy"),
+        **rule_resources(config, "train_policy"),
     log:
         "results/logs/train_policy/{method}_noise{noise}_seed{seed}.log",
     benchmark:
@@ -59,4 +62,5 @@ rule train_policy:
     shell:
         "{params.launcher} -m workflow.train_policy --model {input.model} --pairs {input.pairs} --reference {input.reference}"
         " {params.subspace} {params.rewards} --method-json {params.method} --training-json {params.settings}"
+        " --prompt-format {params.prompt_format} {params.tensorboard}"
         " --seed {wildcards.seed} --threads {threads} --output {output.policy} --train-log {output.log} > {log} 2>&1"

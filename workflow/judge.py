@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl, write_json, write_jsonl
 from workflow.safety_judges import JUDGE_TYPES, run_llm_judge
 
@@ -108,9 +109,7 @@ def main(argv=None):
     p.add_argument("--summary", required=True)
     a = p.parse_args(argv)
 
-    spec = json.loads(a.judge_spec_json)
-    if spec.get("type") not in JUDGE_TYPES:
-        raise SystemExit(f"config key judges.{a.judge}.type: {spec.get('type')!r}; expected one of {list(JUDGE_TYPES)}")
+    spec = fill_defaults(json.loads(a.judge_spec_json), f"judges/{a.judge}")  # type checked against JUDGE_TYPES
     rows = read_jsonl(a.answers)
     check_answers(rows, a.answers)
     labelled = label_answers(rows, a.judge, spec)

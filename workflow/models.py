@@ -140,6 +140,13 @@ def mlp_output_projections(model) -> list[NeuronProjection]:
     return [NeuronProjection(i, n, w, a) for i, (n, w, a) in enumerate(found)]
 
 
+def split_by_layer(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Indices into the concatenation of layers of ``sizes`` -> sorted per-layer indices."""
+    flat = torch.sort(flat).values
+    bounds = torch.cumsum(torch.tensor([0] + sizes), 0)
+    return [flat[(flat >= lo) & (flat < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def format_prompt(tokenizer, messages: list[dict], prompt_format: str = "auto") -> str:
     """The text a model sees before its answer: its chat template, or HH-style turns for base models."""
     if prompt_format == "auto":

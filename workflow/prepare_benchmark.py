@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 
+from workflow.config import fill_defaults, schema_default
 from workflow.files import read_jsonl, write_jsonl
 from workflow.sources import SourceError, load_rows, require_columns
 from workflow.wrap_jailbreaks import wrap_prompts
@@ -64,7 +65,8 @@ def sample_prompts(prompts: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def build_prompts(spec: dict, name: str, base_prompts: str | None = None) -> list[dict]:
-    """Every prompt of one benchmark config entry."""
+    """Every prompt of one benchmark config entry (validated here, defaults filled)."""
+    spec = fill_defaults(spec, f"benchmarks/{name}")
     if "jailbreak" in spec:
         if not base_prompts:
             raise SystemExit(f"benchmarks.{name}: a jailbreak-wrapped set needs --base-prompts (the base benchmark's all.jsonl)")
@@ -79,7 +81,7 @@ def main(argv=None):
     p.add_argument("--name", required=True)
     p.add_argument("--spec-json", required=True, help="the benchmark's config entry as JSON")
     p.add_argument("--n-sample", type=int, default=0, help="prompts to answer (0 = all), with --sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=schema_default("evaluation/seed"))
     p.add_argument("--base-prompts", help="all.jsonl of the base benchmark (jailbreak-wrapped sets only)")
     p.add_argument("--all", required=True)
     p.add_argument("--sample", help="also write the seeded sample here")

@@ -17,6 +17,7 @@ import json
 import random
 import re
 
+from workflow.config import fill_defaults, schema_default
 from workflow.files import write_json, write_jsonl
 from workflow.sources import SourceError, load_rows, require_columns
 
@@ -110,13 +111,13 @@ def main(argv=None):
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--n-train", type=int, required=True)
     p.add_argument("--n-heldout", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=schema_default("preferences/seed"))
     p.add_argument("--train", required=True)
     p.add_argument("--heldout", required=True)
     p.add_argument("--summary", required=True)
     a = p.parse_args(argv)
 
-    source = json.loads(a.source_json)
+    source = fill_defaults(json.loads(a.source_json), "preferences/source")
     what = f"preferences.source ({source.get('path') or source.get('hub')})"
     rows = load_rows(source, what=what)
     records, dropped = FORMATS[a.format](rows, what)

@@ -22,6 +22,7 @@ import unicodedata
 
 import pandas as pd
 
+from workflow.config import check_probe_data, fill_defaults
 from workflow.files import read_jsonl, write_jsonl, write_tsv
 from workflow.sources import SourceError, load_rows, require_columns
 
@@ -121,14 +122,15 @@ def main(argv=None):
     p.add_argument("--report", required=True)
     a = p.parse_args(argv)
 
-    spec = json.loads(a.spec_json)
+    spec = fill_defaults(json.loads(a.spec_json), "probe/data")
+    check_probe_data(spec)
     excluded = {}
     for item in a.exclude:
         name, _, path = item.partition("=")
         excluded[name] = [r["prompt"] for r in read_jsonl(path)]
     report = []
     classes = {}
-    if spec.get("format", "texts") == "pku-saferlhf":
+    if spec["format"] == "pku-saferlhf":
         what = f"probe.data.source ({spec['source'].get('path') or spec['source'].get('hub')})"
         rows = load_rows(spec["source"], what=what)
         classes, removed, prompts = pku_response_texts(rows, excluded, what)

@@ -1,7 +1,7 @@
 """Score every training answer once under the frozen reference (base) model.
 
     python -m workflow.reference_logps --model results/models/base --pairs results/data/preferences/train.jsonl \
-        --training-json '{"max_length": 128, "max_prompt_length": 64, "batch_size": 4}' \
+        --training-json '{"max_length": 128, "max_prompt_length": 64, "batch_size": 4}' --prompt-format auto \
         --output results/data/preferences/reference_logps.jsonl
 
 Flipping a pair only swaps its two answers, so one pass over the clean set serves every noise
@@ -14,19 +14,24 @@ import json
 
 import torch
 
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl, write_jsonl
 from workflow.models import load_model, load_tokenizer, placement
 from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.progress import progress
 
 
 @torch.no_grad()
 def score_pairs(model, tokenizer, records: list[dict], settings: dict) -> list[dict]:
+    """Summed answer log-probs of both answers of every pair, tokenised as in training (``settings``:
+    the training section plus ``prompt_format``)."""
     out = []
     bs = settings["batch_size"]
-    for i in range(0, len(records), bs):
+    starts = range(0, len(records), bs)
+    for i in progress(starts, total=len(starts), desc="reference log-probs", unit="batch"):
         chunk = records[i:i + bs]
         enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
-                                    settings.get("prompt_format", "auto")) for r in chunk]
+                                    settings["prompt_format"]) for r in chunk]
         logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).float().tolist()
         for j, r in enumerate(chunk):
             out.append({"pair_id": r["pair_id"], "truncated": enc[j]["truncated"],
@@ -39,14 +44,15 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--pairs", required=True)
     p.add_argument("--training-json", required=True, help="the config's training section as JSON")
+    p.add_argument("--prompt-format", required=True, choices=["auto", "chat", "hh"], help="config model.prompt_format")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    settings = json.loads(a.training_json)
-    device, dtype = placement(settings.get("precision", "auto"))
+    settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
+    device, dtype = placement(settings["precision"])
     model = load_model(a.model, dtype=dtype, device=device).eval()
     rows = score_pairs(model, load_tokenizer(a.model), read_jsonl(a.pairs), settings)
     write_jsonl(a.output, rows)

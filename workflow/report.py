@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from workflow.config import fill_defaults
 from workflow.files import read_json, write_text
 from workflow.provenance import source_files
 from workflow.stats import comparisons_display, fmt_noise, main_table_wide, markdown
@@ -207,10 +208,11 @@ def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(a) -> Document:
-    config = json.loads(a.config_json)
+    config = fill_defaults(json.loads(a.config_json), "")  # the resolved config, as the workflow ran it
     tables = Path(a.tables)
-    rep = config.get("report", {})
-    reference, claim_method, alpha = a.reference_method, a.claim_method, a.alpha
+    rep = config["report"]
+    reference, claim_method = a.reference_method, a.claim_method
+    alpha = rep["alpha"] if a.alpha is None else a.alpha
     judges = config["evaluation"]["judges"]
     rates = pd.read_csv(tables / "harmful_rate.csv")
     comp_all = pd.read_csv(tables / "comparisons.csv")
@@ -223,7 +225,7 @@ def build(a) -> Document:
     doc.heading("Main table")
     doc.table(main_table_wide(rates), f"Primary judge {judges[0]}. Harmful rate (fraction of answers judged "
               "unsafe) for harmful benchmarks, refusal rate for over-refusal benchmarks; mean ± std over seeds "
-              f"[{rep.get('ci_level', 0.95):.0%} bootstrap CI over prompts and seeds].")
+              f"[{rep['ci_level']:.0%} bootstrap CI over prompts and seeds].")
 
     doc.heading(f"Comparisons with {reference}")
     doc.text(f"Each method against {reference} at the same noise rate, paired on the same prompts and seeds. "
@@ -240,7 +242,7 @@ def build(a) -> Document:
 
     doc.heading("Per-category rates")
     doc.table(category_wide(pd.read_csv(tables / "categories.csv")),
-              f"Metric of each benchmark per category (primary judge), mean over seeds.")
+              "Metric of each benchmark per category (primary judge), mean over seeds.")
 
     doc.heading("Judge agreement")
     if a.judge_agreement:
@@ -286,7 +288,7 @@ def main(argv=None):
     p.add_argument("--figures", nargs="+", required=True, help="PNG figures (the PDF beside each is linked)")
     p.add_argument("--reference-method", required=True)
     p.add_argument("--claim-method", required=True, help="method the paper's claim is about")
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--alpha", type=float, help="significance level (default: the config's report.alpha)")
     p.add_argument("--model-provenance", required=True)
     p.add_argument("--probe-metrics", required=True)
     p.add_argument("--subspace", required=True)

@@ -3,7 +3,7 @@
     python -m workflow.reward_model --model results/models/base --train results/data/preferences/train.jsonl \
         --heldout results/data/preferences/heldout.jsonl \
         --reward-json '{"kind": "bt_head", "layer": -1, "l2": 1.0, "batch_size": 8}' \
-        --training-json '{"max_length": 128, "max_prompt_length": 64, "prompt_format": "auto"}' \
+        --training-json '{"max_length": 128, "max_prompt_length": 64}' --prompt-format auto \
         --rewards results/reward/pair_rewards.jsonl --metrics results/reward/metrics.json
 
 Two kinds (``kind``):
@@ -30,22 +30,25 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from workflow.config import fill_defaults, schema_default
 from workflow.files import read_jsonl, write_json, write_jsonl
 from workflow.models import format_prompt, load_model, load_tokenizer, placement
 from workflow.pairs import collate_pairs, encode_response_pair, text_key
-
-KINDS = ("bt_head", "hub")
+from workflow.progress import progress
 
 
 @torch.no_grad()
-def answer_features(model, tokenizer, records: list[dict], settings: dict, layer: int = -1,
-                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """([N, hidden] chosen, [N, hidden] rejected): hidden states at ``layer`` mean-pooled over each answer's tokens."""
+def answer_features(model, tokenizer, records: list[dict], settings: dict, layer: int,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """([N, hidden] chosen, [N, hidden] rejected): hidden states at ``layer`` mean-pooled over each answer's tokens.
+
+    ``settings``: the training section (max_length, max_prompt_length) plus prompt_format."""
     chosen, rejected = [], []
-    for start in range(0, len(records), batch_size):
+    starts = range(0, len(records), batch_size)
+    for start in progress(starts, total=len(starts), desc="reward features", unit="batch"):
         recs = records[start:start + batch_size]
         enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
-                                    settings.get("prompt_format", "auto")) for r in recs]
+                                    settings["prompt_format"]) for r in recs]
         batch = collate_pairs(enc, tokenizer.pad_token_id)
         device = next(model.parameters()).device
         hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -57,7 +60,7 @@ def answer_features(model, tokenizer, records: list[dict], settings: dict, layer
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-def fit_bradley_terry(chosen: np.ndarray, rejected: np.ndarray, l2: float = 1.0) -> np.ndarray:
+def fit_bradley_terry(chosen: np.ndarray, rejected: np.ndarray, l2: float) -> np.ndarray:
     """Weights w [hidden] of the linear Bradley-Terry reward r = w·f, chosen preferred over rejected.
 
     P(chosen ≻ rejected) = σ(w·(f_c − f_r)) has no intercept (a constant reward cancels), so it is an
@@ -77,7 +80,7 @@ def pair_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray) -> float:
     return float(np.mean(np.asarray(r_chosen) > np.asarray(r_rejected))) if len(r_chosen) else float("nan")
 
 
-def conversation_text(tokenizer, record: dict, answer: str, prompt_format: str = "auto") -> str:
+def conversation_text(tokenizer, record: dict, answer: str, prompt_format: str) -> str:
     """Prompt and answer as one text in the reward model's own format.
 
     ``auto``: its chat template, else HH turns; ``chat``/``hh`` force one; any other string is a
@@ -96,18 +99,19 @@ def conversation_text(tokenizer, record: dict, answer: str, prompt_format: str =
 
 
 @torch.no_grad()
-def classifier_scores(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 8) -> np.ndarray:
+def classifier_scores(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
     """[N] the single output of a sequence-classification model for each text."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in progress(starts, total=len(starts), desc="reward scores", unit="batch"):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length).to(device)
         out.append(model(**enc).logits[:, 0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def load_classifier(name_or_path: str, dtype: str = "float32"):
+def load_classifier(name_or_path: str, dtype: str):
     """(model, tokenizer) of a one-output sequence-classification reward or cost model (safetensors only)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -130,46 +134,44 @@ def load_classifier(name_or_path: str, dtype: str = "float32"):
 
 
 class RewardScorer:
-    """r(x, y) for chosen and rejected answers of a list of pairs, by the configured kind."""
+    """r(x, y) for chosen and rejected answers of a list of pairs, by the configured kind.
+
+    ``spec``: the reward_model section, ``settings``: the training section plus prompt_format, both with
+    defaults filled (``workflow.config.fill_defaults``)."""
 
     def __init__(self, spec: dict, settings: dict, model_dir: str | None):
         self.spec, self.settings = spec, settings
-        kind = spec.get("kind", "bt_head")
-        if kind not in KINDS:
-            raise ValueError(f"reward_model.kind: unknown kind {kind!r}; expected one of {KINDS}")
-        self.kind, self.weights = kind, None
-        if kind == "bt_head":
+        self.kind, self.weights = spec["kind"], None
+        if self.kind == "bt_head":
             if not model_dir:
                 raise ValueError("reward_model.kind bt_head needs the base model (--model)")
-            device, dtype = placement(settings.get("precision", "auto"))
+            device, dtype = placement(settings["precision"])
             self.model, self.tokenizer = load_model(model_dir, dtype, device).eval(), load_tokenizer(model_dir)
         else:
-            if not spec.get("name_or_path"):
-                raise ValueError("reward_model.name_or_path: required with reward_model.kind hub")
-            if spec.get("sign", 1) not in (1, -1):
-                raise ValueError(f"reward_model.sign: expected 1 (reward model) or -1 (cost model), got {spec['sign']}")
-            self.model, self.tokenizer = load_classifier(spec["name_or_path"], spec.get("dtype", "float32"))
+            if not spec["name_or_path"]:
+                raise ValueError("config key reward_model.name_or_path: required with reward_model.kind hub")
+            self.model, self.tokenizer = load_classifier(spec["name_or_path"], spec["dtype"])
 
     def fit(self, records: list[dict]) -> None:
         if self.kind == "bt_head":
             chosen, rejected = self._features(records)
-            self.weights = fit_bradley_terry(chosen, rejected, self.spec.get("l2", 1.0))
+            self.weights = fit_bradley_terry(chosen, rejected, self.spec["l2"])
 
     def score(self, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         if self.kind == "bt_head":
             chosen, rejected = self._features(records)
             return chosen @ self.weights, rejected @ self.weights
-        fmt, bs = self.spec.get("prompt_format", "auto"), self.spec.get("batch_size", 8)
-        max_length = self.spec.get("max_length", 1024)
+        fmt = self.spec["prompt_format"]
         sides = [classifier_scores(self.model, self.tokenizer, [conversation_text(self.tokenizer, r, r[s], fmt)
-                                                                for r in records], max_length, bs)
+                                                                for r in records],
+                                   self.spec["max_length"], self.spec["batch_size"])
                  for s in ("chosen", "rejected")]
-        sign = float(self.spec.get("sign", 1))
+        sign = float(self.spec["sign"])
         return sign * sides[0], sign * sides[1]
 
     def _features(self, records):
-        return answer_features(self.model, self.tokenizer, records, self.settings, self.spec.get("layer", -1),
-                               self.spec.get("batch_size", 8))
+        return answer_features(self.model, self.tokenizer, records, self.settings, self.spec["layer"],
+                               self.spec["batch_size"])
 
 
 def check_clean(records: list[dict], path: str) -> None:
@@ -184,12 +186,16 @@ def main(argv=None):
     p.add_argument("--train", required=True, help="clean training pairs (scored; bt_head is fitted on them)")
     p.add_argument("--heldout", required=True, help="held-out pairs (pair accuracy)")
     p.add_argument("--reward-json", required=True, help="the config's reward_model section as JSON")
-    p.add_argument("--training-json", required=True, help="max_length, max_prompt_length, prompt_format as JSON")
+    p.add_argument("--training-json", required=True, help="the config's training section (max_length, max_prompt_length,"
+                   " precision) as JSON")
+    p.add_argument("--prompt-format", choices=["auto", "chat", "hh"], default=schema_default("model/prompt_format"),
+                   help="config model.prompt_format")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rewards", required=True, help="output: r_chosen, r_rejected per training pair (JSONL)")
     p.add_argument("--metrics", required=True, help="output: pair accuracies (JSON)")
     a = p.parse_args(argv)
-    spec, settings = json.loads(a.reward_json), json.loads(a.training_json)
+    spec = fill_defaults(json.loads(a.reward_json), "reward_model")
+    settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
     if a.threads:
         torch.set_num_threads(a.threads)
     train, heldout = read_jsonl(a.train), read_jsonl(a.heldout)
@@ -203,7 +209,7 @@ def main(argv=None):
                "heldout_accuracy": pair_accuracy(h_chosen, h_rejected), "n_train": len(train),
                "n_heldout": len(heldout), "reward_diff_mean": float(diff.mean()), "reward_diff_std": float(diff.std())}
     if scorer.kind == "hub":
-        metrics.update(name_or_path=spec["name_or_path"], sign=spec.get("sign", 1))
+        metrics.update(name_or_path=spec["name_or_path"], sign=spec["sign"])
     write_jsonl(a.rewards, ({"pair_id": r["pair_id"], "r_chosen": float(c), "r_rejected": float(j),
                              "chosen_key": text_key(r["chosen"]), "rejected_key": text_key(r["rejected"])}
                             for r, c, j in zip(train, r_chosen, r_rejected)))

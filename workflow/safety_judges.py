@@ -137,10 +137,10 @@ def load_judge(spec: dict, name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    remote = bool(spec.get("trust_remote_code", False))
+    remote = spec["trust_remote_code"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=remote)
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=spec.get("dtype", "auto"),
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=spec["dtype"],
                                                      use_safetensors=True, trust_remote_code=remote)
     except (OSError, ValueError) as e:
         raise SystemExit(f"config key judges.{name}.model: could not load {spec['model']!r} ({e})") from None
@@ -154,13 +154,17 @@ def load_judge(spec: dict, name: str):
 
 
 def run_llm_judge(rows: list[dict], spec: dict, name: str) -> list[dict]:
-    """Verdict of each (prompt, answer) row: label, judge_output (raw text), judge_categories, judge_score."""
-    from workflow.generate import generate_texts
+    """Verdict of each (prompt, answer) row: label, judge_output (raw text), judge_categories, judge_score.
+    ``spec`` is the judge's config entry; keys left out take the schema's defaults."""
+    from workflow.config import fill_defaults
+    from workflow.textgen import generate_texts
 
+    spec = fill_defaults(spec, f"judges/{name}")
     model, tokenizer = load_judge(spec, name)
-    texts = [judge_input(tokenizer, spec["type"], r["prompt"], r["answer"], spec.get("message_content", "text"))
+    texts = [judge_input(tokenizer, spec["type"], r["prompt"], r["answer"], spec["message_content"])
              for r in rows]
-    outputs, _ = generate_texts(model, tokenizer, texts, spec.get("max_new_tokens", 64), spec.get("batch_size", 8))
+    outputs, _ = generate_texts(model, tokenizer, texts, spec["max_new_tokens"], spec["batch_size"],
+                                desc=f"judge {name}")
     verdicts = []
     for out in outputs:
         parsed = parse_output(spec["type"], out)

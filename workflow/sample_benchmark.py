@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from workflow.config import schema_default
 from workflow.files import read_jsonl, write_jsonl
 from workflow.prepare_benchmark import sample_prompts
 from workflow.sources import SourceError
@@ -21,7 +22,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", required=True, help="all.jsonl written by prepare_benchmark")
     p.add_argument("--n-sample", type=int, required=True, help="prompts to answer (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=schema_default("evaluation/seed"))
     p.add_argument("--sample", required=True)
     a = p.parse_args(argv)
     prompts = read_jsonl(a.all)

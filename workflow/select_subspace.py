@@ -18,8 +18,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from workflow.config import schema_default
 from workflow.files import atomic_path, write_tsv
-from workflow.models import load_model, mlp_output_projections
+from workflow.models import load_model, mlp_output_projections, split_by_layer
 
 RANKINGS = ("negative", "positive", "absolute")
 
@@ -44,19 +45,12 @@ def select_top_percent(scores: list[torch.Tensor], percent: float, rank: str) ->
     return split_by_layer(torch.argsort(key, descending=True, stable=True)[:k], [s.numel() for s in scores])
 
 
-def split_by_layer(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Indices into the concatenation of layers of ``sizes`` -> sorted per-layer indices."""
-    flat = torch.sort(flat).values
-    bounds = torch.cumsum(torch.tensor([0] + sizes), 0)
-    return [flat[(flat >= lo) & (flat < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--direction", required=True)
-    p.add_argument("--percent", type=float, default=1.0)
-    p.add_argument("--rank", choices=RANKINGS, default="negative")
+    p.add_argument("--percent", type=float, default=schema_default("subspace/percent"))
+    p.add_argument("--rank", choices=RANKINGS, default=schema_default("subspace/rank"))
     p.add_argument("--neurons", required=True)
     p.add_argument("--summary", required=True)
     a = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """Supervised fine-tuning on the chosen answers of the training pairs (optional stage, for base models).
 
     python -m workflow.sft --model results/models/base --pairs results/data/preferences/train.jsonl \
-        --sft-json '{"epochs": 1, "lr": 1e-5, "batch_size": 4, "optimizer": "adamw", "warmup_ratio": 0.1, "schedule": "linear", "seed": 0}' \
-        --training-json '{"max_length": 128, "max_prompt_length": 64, "max_grad_norm": 1.0, "prompt_format": "auto"}' \
+        --sft-json '{"epochs": 1, "lr": 1e-5, "batch_size": 4}' \
+        --training-json '{"max_length": 128, "max_prompt_length": 64, "max_grad_norm": 1.0}' --prompt-format auto \
         --output results/models/sft --log results/models/sft.train_log.tsv
 
 The loss is the mean negative log-likelihood of the answer tokens (prompt tokens are context
@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workflow.config import fill_defaults
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.models import PROVENANCE, load_model, load_tokenizer, placement
 from workflow.pairs import encode_response_pair
-from workflow.train_policy import make_optimizer
+from workflow.optim import make_optimizer
+from workflow.progress import progress
 
 LOG_COLUMNS = ["step", "epoch", "loss", "tokens", "grad_norm", "lr", "seconds"]
 
@@ -64,11 +66,12 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
 def train_sft(model, tokenizer, records: list[dict], sft: dict, training: dict) -> list[dict]:
     """Seeded SFT loop; returns the per-step log."""
     encoded = [encode_chosen(tokenizer, r, training["max_length"], training["max_prompt_length"],
-                             training.get("prompt_format", "auto")) for r in records]
+                             training["prompt_format"]) for r in records]
     bs = sft["batch_size"]
     total = math.ceil(len(records) / bs) * sft["epochs"]
-    optimizer, scheduler = make_optimizer(model, sft, total)
-    rng = np.random.default_rng(sft.get("seed", 0))
+    optimizer, scheduler = make_optimizer(model.parameters(), sft, total)
+    rng = np.random.default_rng(sft["seed"])
+    bar = progress(total=total, desc="sft", unit="step")
     log, step = [], 0
     model.train()
     for epoch in range(sft["epochs"]):
@@ -82,7 +85,7 @@ def train_sft(model, tokenizer, records: list[dict], sft: dict, training: dict) 
                 ids = ", ".join(records[i]["pair_id"] for i in order[start:start + bs])
                 raise FloatingPointError(f"non-finite SFT loss ({loss.item()}) at step {step}, pairs: {ids}")
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training.get("max_grad_norm", 1.0))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -90,6 +93,8 @@ def train_sft(model, tokenizer, records: list[dict], sft: dict, training: dict) 
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
             log.append(row)
             print(json.dumps({k: row[k] for k in ("step", "loss", "seconds")}), flush=True)
+            bar.update(1)
+    bar.close()
     return log
 
 
@@ -99,20 +104,22 @@ def main(argv=None):
     p.add_argument("--pairs", required=True, help="clean training pairs (results/data/preferences/train.jsonl)")
     p.add_argument("--sft-json", required=True, help="the config's sft section as JSON")
     p.add_argument("--training-json", required=True,
-                   help="max_length, max_prompt_length, max_grad_norm and prompt_format as JSON")
+                   help="the config's training section (max_length, max_prompt_length, max_grad_norm, precision) as JSON")
+    p.add_argument("--prompt-format", required=True, choices=["auto", "chat", "hh"], help="config model.prompt_format")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True, help="folder for the fine-tuned weights (safetensors)")
     p.add_argument("--log", required=True, help="per-step log (TSV)")
     a = p.parse_args(argv)
-    sft, training = json.loads(a.sft_json), json.loads(a.training_json)
+    sft = fill_defaults(json.loads(a.sft_json), "sft")
+    training = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
     if a.threads:
         torch.set_num_threads(a.threads)
-    torch.manual_seed(sft.get("seed", 0))
+    torch.manual_seed(sft["seed"])
 
     records = read_jsonl(a.pairs)
     if not records:
         raise ValueError(f"{a.pairs}: no training pairs to fine-tune on")
-    device, dtype = placement(training.get("precision", "auto"))
+    device, dtype = placement(training["precision"])
     model = load_model(a.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(a.model)
     log = train_sft(model, tokenizer, records, sft, training)

@@ -28,6 +28,7 @@ import pandas as pd
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
+from workflow.config import schema_default
 from workflow.files import atomic_path, read_json, read_jsonl, write_text
 
 METRIC_OF_KIND = {"harmful": "harmful_rate", "harmless": "refusal_rate"}
@@ -327,10 +328,12 @@ def main(argv=None):
     p.add_argument("--judgements", nargs="+", required=True, help="judgement .jsonl files (summary .json beside each)")
     p.add_argument("--primary-judge", required=True, help="judge of the main table")
     p.add_argument("--reference-method", required=True, help="method every other method is compared with")
-    p.add_argument("--n-bootstrap", type=int, default=2000)
-    p.add_argument("--ci-level", type=float, default=0.95)
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction")
-    p.add_argument("--seed", type=int, default=0, help="seed of every bootstrap")
+    # defaults: config report.* (the schema)
+    p.add_argument("--n-bootstrap", type=int, default=schema_default("report/n_bootstrap"))
+    p.add_argument("--ci-level", type=float, default=schema_default("report/ci_level"))
+    p.add_argument("--alpha", type=float, default=schema_default("report/alpha"),
+                   help="significance level after Holm's correction")
+    p.add_argument("--seed", type=int, default=schema_default("report/seed"), help="seed of every bootstrap")
     p.add_argument("--tables", required=True, help="output folder of the tables")
     a = p.parse_args(argv)
 

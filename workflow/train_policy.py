@@ -3,7 +3,7 @@
     python -m workflow.train_policy --model results/models/base --pairs results/data/noisy/noise0.4/seed0.jsonl \
         --reference results/data/preferences/reference_logps.jsonl --subspace results/subspace/neurons.safetensors \
         --method-json '{"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, "gamma_min": 2e-6, "gamma_max": 4e-6}}' \
-        --training-json '{"batch_size": 4, "epochs": 1, "lr": 5e-6, ...}' --seed 0 \
+        --training-json '{"batch_size": 4, "epochs": 1, "lr": 5e-6}' --prompt-format auto --seed 0 \
         --output results/policies/shapo/noise0.4/seed0 --train-log results/policies/shapo/noise0.4/seed0.tsv
 
 Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gradients at θ,
@@ -13,6 +13,8 @@ again at that point, weights restored exactly, and the optimizer step taken with
 gradients. A method with ``reward_labels`` is reward-level: each pair's label is the soft label
 p = σ(β_r·(r_chosen − r_rejected)) from ``--rewards`` (workflow.reward_model) and the loss the
 cross-entropy between p and σ(β·h). Checkpoints every ``checkpoint_every`` steps let a killed job resume.
+The JSON settings are config slices; keys left out take the schema's defaults (``workflow.config``).
+One optimizer step is ``workflow.train_step.train_step``; this module is the loop around it.
 
 Runs on a GPU when one is visible (``precision: auto`` = bf16 autocast there, fp32 on CPU). Under
 ``torchrun --nproc_per_node N`` (the rule does this for ``training.devices: N``) it trains data-parallel
@@ -35,66 +37,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, safe_open
 
 from workflow.checkpoint import Checkpointer, file_digest, fingerprint
+from workflow.config import fill_defaults
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.losses import LOSSES, PairLogps, data_parallel_reduction, pair_losses, reduce_losses, soft_labels
-from workflow.models import PROVENANCE, load_model, load_tokenizer, mlp_output_projections, placement
-from workflow.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps, text_key
-from workflow.select_subspace import split_by_layer
-from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected, step_size
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-LOG_COLUMNS = ["step", "epoch", "loss", "loss_perturbed", "sharpness_step", "gamma", "margin", "acc_clean",
-               "acc_flipped", "n_clean", "n_flipped", "grad_norm", "lr", "seconds"]
-
-
-def perturbed_set(model, sharpness: dict, subspace_path: str | None, seed: int) -> list[SelectedNeurons]:
-    """What a sharpness-aware step moves, by ``sharpness.subspace``:
-
-    ``probe`` the probe-selected neurons (the method); ``random`` as many neurons drawn at
-    random from all MLP output neurons (seeded); ``uniform`` every MLP output neuron; ``full``
-    every parameter (plain SAM).
-    """
-    kind = sharpness.get("subspace", "probe")
-    if kind == "full":
-        return [SelectedNeurons(p, torch.arange(p.shape[0]), 0) for p in model.parameters() if p.requires_grad]
-    layers = mlp_output_projections(model)
-    if kind == "uniform":
-        return [SelectedNeurons(l.weight, torch.arange(l.n_neurons), l.axis) for l in layers]
-    if subspace_path is None:
-        raise ValueError(f"sharpness.subspace {kind!r} needs the selected subspace (--subspace)")
-    probe = load_selected_neurons(model, subspace_path)
-    if kind == "probe":
-        return probe
-    if kind == "random":
-        count = sum(len(s.index) for s in probe)
-        sizes = [l.n_neurons for l in layers]
-        pick = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))[:count]
-        chosen = split_by_layer(pick, sizes)
-        return [SelectedNeurons(l.weight, idx, l.axis) for l, idx in zip(layers, chosen) if len(idx)]
-    raise ValueError(f"unknown sharpness.subspace {kind!r}; expected probe, random, uniform or full")
-
-
-def load_selected_neurons(model, path: str) -> list[SelectedNeurons]:
-    """The subspace chosen by ``select_subspace``, bound to this model's weights."""
-    with safe_open(path, "pt") as f:
-        names = json.loads(f.metadata()["names"])
-    tensors = load_file(path)
-    layers = {l.name: l for l in mlp_output_projections(model)}
-    selected = []
-    for i, name in enumerate(names):
-        if name not in layers:
-            raise ValueError(f"{path}: layer {name!r} is not in the model being trained")
-        index = tensors[f"layer{i}.index"]
-        if len(index):
-            selected.append(SelectedNeurons(layers[name].weight, index, layers[name].axis))
-    return selected
+from workflow.losses import soft_labels
+from workflow.models import PROVENANCE, load_model, load_tokenizer
+from workflow.optim import make_optimizer
+from workflow.pairs import collate_pairs, encode_response_pair, text_key
+from workflow.parallel import DataParallel
+from workflow.progress import progress
+from workflow.sharpness import perturbed_set
+from workflow.train_step import LOG_COLUMNS, Trainer, train_step
 
 
 def attach_reference(records: list[dict], reference_rows: list[dict], path: str) -> None:
@@ -128,98 +82,6 @@ def attach_soft_labels(records: list[dict], reward_rows: list[dict], beta_r: flo
         r["soft_label"] = float(soft_labels(torch.tensor(r_chosen), torch.tensor(r_rejected), beta_r))
 
 
-class DataParallel:
-    """This process's place in (data-parallel) training: device, precision, rank and world size.
-
-    accelerate sets up the device and, under torchrun, the process group; with one process
-    (world 1) the reductions are the identity and the loop is the plain one-process loop.
-    """
-
-    def __init__(self, precision: str = "auto"):
-        from accelerate import Accelerator
-
-        device, dtype = placement(precision)  # the same precision rule as the inference stages
-        self.bf16 = dtype == torch.bfloat16
-        # accelerate's state is one per process, so its settings must not vary between calls: bf16
-        # autocast is applied here (``autocast``), not through Accelerator(mixed_precision=...)
-        self.accelerator = Accelerator(cpu=device == "cpu")
-        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.device = self.accelerator.device
-        self.main = self.accelerator.is_main_process
-
-    def autocast(self):
-        """bf16 autocast of the forward pass when bf16 is on (weights and optimizer state stay fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        t = t.detach().clone()
-        torch.distributed.all_reduce(t, op=op)
-        return t
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.SUM)
-
-    def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.MAX)
-
-    def average_gradients(self, weights) -> None:
-        """Average ``.grad`` of weights DDP does not track (frozen LoRA base weights on ShaPO steps)."""
-        if self.world > 1:
-            for w in weights:
-                torch.distributed.all_reduce(w.grad)
-                w.grad /= self.world
-
-    def share(self, idx: np.ndarray) -> np.ndarray:
-        """This process's part of a global batch (contiguous, sizes differing by at most one)."""
-        return np.array_split(idx, self.world)[self.rank]
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
-
-def preference_loss(model, batch: dict, records: list[dict], method: dict, parallel: DataParallel):
-    """(loss to differentiate, batch loss value, h [B]) for one batch under the method's loss and reduction.
-
-    With several processes the value is the whole global batch's loss and the differentiated loss
-    this process's share of it (``data_parallel_reduction``); with one they are the same tensor.
-    """
-    with parallel.autocast():
-        logps = sequence_logps(model, batch)
-    counts, n = answer_token_counts(batch), len(records)
-    device = logps.device
-    labels = torch.tensor([r["soft_label"] for r in records], device=device) if "reward_labels" in method else None
-    pair = PairLogps(logps[:n].float(), logps[n:].float(),
-                     torch.tensor([r["ref_chosen"] for r in records], device=device),
-                     torch.tensor([r["ref_rejected"] for r in records], device=device),
-                     counts[:n].to(device), counts[n:].to(device), labels)
-    losses = pair_losses(method, pair)
-    if parallel.world == 1:
-        loss = reduce_losses(losses, method.get("dr_beta"))
-        return loss, loss.detach(), pair.h.detach()
-    surrogate, value = data_parallel_reduction(losses, method.get("dr_beta"), parallel.world,
-                                               parallel.all_sum, parallel.all_max)
-    return surrogate, value, pair.h.detach()
-
-
-def gradients_at_perturbed_point(model, batch, records, method, selected, gamma: float, step: int,
-                                 parallel: DataParallel, all_records: list[dict], frozen=()) -> float:
-    """ShaPO's second pass: move the selected weights by γ·∇ (using the gradients already in
-    ``.grad``), recompute loss and gradients there, restore the weights exactly. Leaves the
-    perturbed-point gradients in ``.grad``; returns the perturbed-point loss. ``records`` are this
-    process's pairs, ``all_records`` the global batch's (named when the loss is not finite)."""
-    saved = perturb_selected(selected, gamma)
-    for p in model.parameters():
-        p.grad = None
-    loss, value, _ = preference_loss(model, batch, records, method, parallel)
-    check_finite(value, step, all_records, "perturbed")
-    loss.backward()
-    parallel.average_gradients(frozen)
-    restore_selected(selected, saved)
-    return value.item()
-
-
 def apply_lora(model, lora: dict):
     """Wrap the model with PEFT LoRA adapters (``r``, ``alpha``, ``target_modules``); only the adapters train.
 
@@ -235,28 +97,6 @@ def apply_lora(model, lora: dict):
     return get_peft_model(model, config)
 
 
-def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
-    if not torch.isfinite(loss):
-        ids = ", ".join(r["pair_id"] for r in records)
-        raise NonFiniteLoss(f"non-finite {where} loss ({loss.item()}) at step {step}, pairs: {ids}")
-
-
-def make_optimizer(model, settings: dict, total_steps: int):
-    from transformers import get_scheduler
-
-    kind = settings.get("optimizer", "adamw")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "adamw":
-        opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings.get("weight_decay", 0.0),
-                                fused=all(p.device.type in ("cpu", "cuda") for p in params))
-    elif kind == "rmsprop":
-        opt = torch.optim.RMSprop(params, lr=settings["lr"])
-    else:
-        raise ValueError(f"training.optimizer: unknown optimizer {kind!r}; expected adamw or rmsprop")
-    warmup = int(math.ceil(settings.get("warmup_ratio", 0.0) * total_steps))
-    return opt, get_scheduler(settings.get("schedule", "linear"), opt, warmup, total_steps)
-
-
 def pairs_used(n_records: int, batch_size: int, world: int) -> int:
     """Pairs trained on per epoch: all, unless a last partial batch has fewer pairs than processes
     (each process needs at least one), which is then left out of the epoch, with a note in the log."""
@@ -267,40 +107,76 @@ def pairs_used(n_records: int, batch_size: int, world: int) -> int:
     return n_records - rest if 0 < rest < world else n_records
 
 
+class StepReport:
+    """Where each step's log row goes besides the returned log: a JSON line and a progress line in the
+    job log, and TensorBoard scalars when ``tensorboard_dir`` is given (process 0 only)."""
+
+    SCALARS = ("loss", "loss_perturbed", "margin", "acc_clean", "acc_flipped", "grad_norm", "lr", "gamma")
+
+    def __init__(self, total: int, done: int, main: bool, tensorboard_dir: str | None = None):
+        self.main = main
+        self.bar = progress(total=total, desc="train", unit="step", initial=done) if main else None
+        self.writer = None
+        if main and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def __call__(self, row: dict) -> None:
+        if not self.main:
+            return
+        print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}), flush=True)
+        self.bar.update(1)
+        if self.writer:
+            for key in self.SCALARS:
+                value = row.get(key)
+                if value is not None and math.isfinite(value) and (key != "gamma" or row["sharpness_step"]):
+                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+            if row["sharpness_step"]:
+                self.writer.add_scalar("sharpness/delta_loss", row["loss_perturbed"] - row["loss"], row["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
-          parallel: DataParallel | None = None):
+          parallel: DataParallel | None = None, tensorboard_dir: str | None = None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
-    With a ``checkpointer`` the loop saves every few steps and first resumes from a matching
-    checkpoint, restoring weights, optimizer, schedule, batch order and every RNG, so a resumed
-    run ends with the same weights as an uninterrupted one. ``parallel`` places the model and
-    splits each batch over data-parallel processes (default: this process alone).
+    ``settings`` is the validated ``training`` section (``workflow.config.fill_defaults``). With a
+    ``checkpointer`` the loop saves every few steps and first resumes from a matching checkpoint,
+    restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
+    same weights as an uninterrupted one. ``parallel`` places the model and splits each batch over
+    data-parallel processes (default: this process alone). One step is ``train_step.train_step``.
     """
-    parallel = parallel or DataParallel(settings.get("precision", "auto"))
+    parallel = parallel or DataParallel(settings["precision"])
     used = pairs_used(len(records), settings["batch_size"], parallel.world)
     if used < len(records) and parallel.main:
         print(json.dumps({"left_out_per_epoch": len(records) - used, "reason": "last batch smaller than devices"}),
               flush=True)
-    model.to(parallel.device)
-    # DDP (several processes) comes from accelerate; the unwrapped ``model`` keeps
-    # the same Parameter objects, so ``selected`` and checkpoints refer to it
-    forward = parallel.accelerator.prepare_model(model)
-    rng = np.random.default_rng(seed)
-    gamma_rng = random.Random(seed)
-    sharp = method.get("sharpness")
-    if sharp and not selected:
+    if method.get("sharpness") and not selected:
         raise ValueError("sharpness-aware training needs a non-empty subspace")
+    model.to(parallel.device)
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
-                                    settings.get("prompt_format", "auto")) for r in records]
+                                    settings["prompt_format"]) for r in records]
     bs = settings["batch_size"]
     steps_per_epoch = math.ceil(used / bs)
     total = steps_per_epoch * settings["epochs"]
-    optimizer, scheduler = make_optimizer(model, settings, total)
+    optimizer, scheduler = make_optimizer(model.parameters(), settings, total)
+    rng = np.random.default_rng(seed)
+    # the unwrapped ``model`` keeps the Parameter objects the DDP wrapper uses, so ``selected`` and
+    # checkpoints refer to it
+    trainer = Trainer(model, parallel.wrap(model), optimizer, scheduler, method, settings, parallel, selected,
+                      random.Random(seed))
     log, step, first_epoch, order = [], 0, 0, None
-    resumed = checkpointer.load(model, optimizer, scheduler, (rng, gamma_rng)) if checkpointer else None
+    resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
     if resumed:
         log, step, first_epoch, order = resumed["log"], resumed["step"], resumed["epoch"], np.array(resumed["order"])
         print(json.dumps({"resumed_at_step": step, "of": total}), flush=True)
+    report = StepReport(total, step, parallel.main, tensorboard_dir)
     model.train()
     for epoch in range(first_epoch, settings["epochs"]):
         if order is None:
@@ -308,61 +184,21 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
         for start in range((step - epoch * steps_per_epoch) * bs, used, bs):
             step += 1
             t0 = time.perf_counter()
-            idx = order[start:start + bs]
-            recs_all = [records[i] for i in idx]
-            idx = parallel.share(idx)
-            recs = [records[i] for i in idx]
-            batch = collate_pairs([encoded[i] for i in idx], tokenizer.pad_token_id)
-            sharp_step = bool(sharp) and step % sharp["interval"] == 0
-            # with LoRA the perturbed base weights are frozen: they need gradients on sharpness-aware
-            # steps only, and never reach the optimizer (built from the trainable parameters)
-            frozen = list({id(s.weight): s.weight for s in selected if not s.weight.requires_grad}.values()) \
-                if sharp_step else []
-            for w in frozen:
-                w.requires_grad_(True)
-            loss, value, h = preference_loss(forward, batch, recs, method, parallel)
-            check_finite(value, step, recs_all, "training")
-            loss.backward()
-            parallel.average_gradients(frozen)
-            row = {"step": step, "epoch": epoch, "loss": value.item(), "loss_perturbed": float("nan"),
-                   "sharpness_step": False, "gamma": 0.0}
-            if sharp_step:
-                gamma = step_size(sharp, selected, gamma_rng)
-                loss2 = gradients_at_perturbed_point(forward, batch, recs, method, selected, gamma, step,
-                                                     parallel, recs_all, frozen)
-                row.update(loss_perturbed=loss2, sharpness_step=True, gamma=gamma)
-            for w in frozen:
-                w.requires_grad_(False)
-                w.grad = None
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.get("max_grad_norm", 1.0))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            flipped = torch.tensor([bool(r.get("flipped", False)) for r in recs], device=h.device)
-            correct = (h > 0).float()
-            # margin and accuracies over the whole global batch: sums over every process's pairs
-            margin, right_clean, n_clean, right_flipped, n_flipped = parallel.all_sum(torch.stack([
-                (method["beta"] * h).sum(), correct[~flipped].sum(), (~flipped).sum().float(),
-                correct[flipped].sum(), flipped.sum().float()])).tolist()
-            row.update({
-                "margin": margin / len(recs_all),
-                "acc_clean": right_clean / n_clean if n_clean else float("nan"),
-                "acc_flipped": right_flipped / n_flipped if n_flipped else float("nan"),
-                "n_clean": int(n_clean), "n_flipped": int(n_flipped),
-                "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                "seconds": time.perf_counter() - t0,
-            })
+            global_idx = order[start:start + bs]
+            local_idx = parallel.share(global_idx)
+            batch = collate_pairs([encoded[i] for i in local_idx], tokenizer.pad_token_id)
+            row = train_step(trainer, batch, [records[i] for i in local_idx], [records[i] for i in global_idx], step)
+            row.update(epoch=epoch, seconds=time.perf_counter() - t0)
             log.append(row)
-            if parallel.main:
-                print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}),
-                      flush=True)
+            report(row)
             if checkpointer and checkpointer.due(step, total):
                 if parallel.main:
                     checkpointer.save(model, optimizer, scheduler, {"step": step, "epoch": epoch,
                                                                     "order": order.tolist(), "log": log},
-                                      (rng, gamma_rng))
+                                      (rng, trainer.gamma_rng))
                 parallel.barrier()
         order = None
+    report.close()
     return log
 
 
@@ -374,17 +210,18 @@ def main(argv=None):
     p.add_argument("--subspace", help="neurons.safetensors from workflow.select_subspace (ShaPO methods)")
     p.add_argument("--rewards", help="pair_rewards.jsonl from workflow.reward_model (reward-level methods)")
     p.add_argument("--method-json", required=True, help="the method preset as JSON")
-    p.add_argument("--training-json", required=True, help="the config's training section as JSON")
+    p.add_argument("--training-json", required=True, help="the config's training section as JSON (defaults filled in)")
+    p.add_argument("--prompt-format", required=True, choices=["auto", "chat", "hh"], help="config model.prompt_format")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True, help="folder for the trained weights (safetensors)")
     # --train-log first: torchrun, which launches data-parallel runs, reads an abbreviated "--log" as its own --log-dir
     p.add_argument("--train-log", "--log", dest="log", required=True, help="per-step training log (TSV)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: <output>.checkpoint); removed after success")
+    p.add_argument("--tensorboard", help="also write TensorBoard event files to this folder (training.report_to)")
     a = p.parse_args(argv)
-    method, settings = json.loads(a.method_json), json.loads(a.training_json)
-    if method["loss"] not in LOSSES:
-        raise ValueError(f"method loss {method['loss']!r} is unknown; expected one of {LOSSES}")
+    method = fill_defaults(json.loads(a.method_json), "presets/*")
+    settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
     if a.threads:  # the job's threads, shared by its data-parallel processes
         torch.set_num_threads(max(1, a.threads // int(os.environ.get("WORLD_SIZE", "1"))))
     torch.manual_seed(a.seed)
@@ -406,16 +243,16 @@ def main(argv=None):
     if settings.get("lora"):
         model = apply_lora(model, settings["lora"])
     inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace, a.rewards) if f]
-    key = fingerprint(method, {k: v for k, v in settings.items() if k != "checkpoint_every"}, a.seed, inputs,
-                      str(Path(a.model).resolve()))
-    checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint",
-                                settings.get("checkpoint_every", 0), key)
-    parallel = DataParallel(settings.get("precision", "auto"))
-    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel)
-    if parallel.world > 1:
-        torch.distributed.destroy_process_group()
-        if not parallel.main:  # every process holds the same weights; process 0 writes them
-            return
+    # settings that do not change the result (how often to save, where to log) do not invalidate a checkpoint
+    key = fingerprint(method, {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to")},
+                      a.seed, inputs, str(Path(a.model).resolve()))
+    checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"], key)
+    parallel = DataParallel(settings["precision"])
+    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
+                a.tensorboard)
+    parallel.close()
+    if not parallel.main:  # every process holds the same weights; process 0 writes them
+        return
 
     if settings.get("lora"):
         model = model.merge_and_unload()  # downstream stages load an ordinary model

@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+from workflow.config import schema_default
 from workflow.files import atomic_path, read_jsonl, write_json
 from workflow.models import load_model, load_tokenizer
 from workflow.probe_data import UNSAFE, assert_disjoint
+from workflow.progress import progress
 
 
 @torch.no_grad()
@@ -30,7 +32,8 @@ def mean_hidden_states(model, tokenizer, texts: list[str], layer: int, batch_siz
                        max_length: int = 128) -> np.ndarray:
     """[N, hidden] hidden states at ``layer``, averaged over each text's non-padding tokens."""
     out = []
-    for i in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for i in progress(starts, total=len(starts), desc="probe features", unit="batch"):
         enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length)
         hidden = model(**enc, output_hidden_states=True).hidden_states[layer]
@@ -57,9 +60,9 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
                    help="evaluation prompts the probe data must not contain (checked again here)")
-    p.add_argument("--layer", type=int, default=-1)
-    p.add_argument("--test-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer", type=int, default=schema_default("probe/layer"))
+    p.add_argument("--test-fraction", type=float, default=schema_default("probe/test_fraction"))
+    p.add_argument("--seed", type=int, default=schema_default("probe/seed"))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--direction", required=True)

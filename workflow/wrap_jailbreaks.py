@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 
+from workflow.config import fill_defaults
 from workflow.sources import SourceError, require_columns
 
 
@@ -46,11 +47,14 @@ def wrap(template: str, prompt: str, placeholder: str) -> str:
 
 
 def wrap_prompts(base: list[dict], template_rows: list[dict], spec: dict, name: str) -> list[dict]:
-    """Every base prompt in every sampled template: records id, prompt, category, template."""
+    """Every base prompt in every sampled template: records id, prompt, category, template.
+
+    ``spec`` is the benchmark's ``jailbreak`` entry (validated here, defaults filled)."""
     what = f"benchmarks.{name}.jailbreak"
-    placeholder = spec.get("placeholder", "[INSERT PROMPT HERE]")
-    templates = usable_templates(template_rows, spec.get("template_column", "text"), placeholder, what)
-    chosen = sample_templates(templates, spec["n_templates"], spec.get("seed", 0), what)
+    spec = fill_defaults(spec, f"benchmarks/{name}/jailbreak")
+    placeholder = spec["placeholder"]
+    templates = usable_templates(template_rows, spec["template_column"], placeholder, what)
+    chosen = sample_templates(templates, spec["n_templates"], spec["seed"], what)
     if not base:
         raise SourceError(f"{what}: the base benchmark {spec['benchmark']!r} has no prompts")
     return [{"id": f"{name}-t{t_index}-{row['id']}", "prompt": wrap(template, row["prompt"], placeholder),

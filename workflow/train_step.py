@@ -1,0 +1,148 @@
+"""One optimizer step of preference training: the loss of a batch under a method preset, the
+sharpness-aware pass of ShaPO and its controls, and the step's log row.
+
+``train_step`` is the place a new method touches: the loss and reduction come from the preset
+(``workflow.losses``), the sharpness-aware pass from its ``sharpness`` block (``workflow.sharpness``),
+and everything else (resume, checkpoints, data parallelism, logging) stays in the training loop of
+``workflow.train_policy``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from workflow.losses import PairLogps, data_parallel_reduction, pair_losses, reduce_losses
+from workflow.pairs import answer_token_counts, sequence_logps
+from workflow.parallel import DataParallel
+from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected, step_size
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+LOG_COLUMNS = ["step", "epoch", "loss", "loss_perturbed", "sharpness_step", "gamma", "margin", "acc_clean",
+               "acc_flipped", "n_clean", "n_flipped", "grad_norm", "lr", "seconds"]
+
+
+@dataclass
+class Trainer:
+    """What every step needs: the model (``forward`` is its data-parallel wrapper, ``model`` the
+    unwrapped one whose Parameters ``selected`` and checkpoints refer to), optimizer and schedule,
+    the method preset and training settings, and the RNG of the sharpness step sizes."""
+
+    model: torch.nn.Module
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    method: dict
+    settings: dict
+    parallel: DataParallel
+    selected: list[SelectedNeurons] | None = None
+    gamma_rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def is_sharpness_step(self, step: int) -> bool:
+        sharp = self.method.get("sharpness")
+        return bool(sharp) and step % sharp["interval"] == 0
+
+
+def preference_loss(model, batch: dict, records: list[dict], method: dict, parallel: DataParallel):
+    """(loss to differentiate, batch loss value, h [B]) for one batch under the method's loss and reduction.
+
+    With several processes the value is the whole global batch's loss and the differentiated loss
+    this process's share of it (``data_parallel_reduction``); with one they are the same tensor.
+    """
+    with parallel.autocast():
+        logps = sequence_logps(model, batch)
+    counts, n = answer_token_counts(batch), len(records)
+    device = logps.device
+    labels = torch.tensor([r["soft_label"] for r in records], device=device) if "reward_labels" in method else None
+    pair = PairLogps(logps[:n].float(), logps[n:].float(),
+                     torch.tensor([r["ref_chosen"] for r in records], device=device),
+                     torch.tensor([r["ref_rejected"] for r in records], device=device),
+                     counts[:n].to(device), counts[n:].to(device), labels)
+    losses = pair_losses(method, pair)
+    if parallel.world == 1:
+        loss = reduce_losses(losses, method.get("dr_beta"))
+        return loss, loss.detach(), pair.h.detach()
+    surrogate, value = data_parallel_reduction(losses, method.get("dr_beta"), parallel.world,
+                                               parallel.all_sum, parallel.all_max)
+    return surrogate, value, pair.h.detach()
+
+
+def check_finite(loss: torch.Tensor, step: int, records: list[dict], where: str) -> None:
+    if not torch.isfinite(loss):
+        ids = ", ".join(r["pair_id"] for r in records)
+        raise NonFiniteLoss(f"non-finite {where} loss ({loss.item()}) at step {step}, pairs: {ids}")
+
+
+def gradients_at_perturbed_point(trainer: Trainer, batch, records, gamma: float, step: int,
+                                 all_records: list[dict], frozen=()) -> float:
+    """ShaPO's second pass: move the selected weights by γ·∇ (using the gradients already in
+    ``.grad``), recompute loss and gradients there, restore the weights exactly. Leaves the
+    perturbed-point gradients in ``.grad``; returns the perturbed-point loss. ``records`` are this
+    process's pairs, ``all_records`` the global batch's (named when the loss is not finite)."""
+    saved = perturb_selected(trainer.selected, gamma)
+    for p in trainer.model.parameters():
+        p.grad = None
+    loss, value, _ = preference_loss(trainer.forward, batch, records, trainer.method, trainer.parallel)
+    check_finite(value, step, all_records, "perturbed")
+    loss.backward()
+    trainer.parallel.average_gradients(frozen)
+    restore_selected(trainer.selected, saved)
+    return value.item()
+
+
+def frozen_perturbed_weights(trainer: Trainer, sharpness_step: bool) -> list[torch.nn.Parameter]:
+    """With LoRA the perturbed base weights are frozen: they need gradients on sharpness-aware steps
+    only, and never reach the optimizer (built from the trainable parameters)."""
+    if not sharpness_step:
+        return []
+    return list({id(s.weight): s.weight for s in trainer.selected if not s.weight.requires_grad}.values())
+
+
+def batch_metrics(h: torch.Tensor, records: list[dict], n_global: int, beta: float,
+                  parallel: DataParallel) -> dict:
+    """Mean margin β·h and accuracy (h > 0) on clean and on flipped pairs, over the whole global
+    batch (sums over every process's pairs)."""
+    flipped = torch.tensor([bool(r.get("flipped", False)) for r in records], device=h.device)
+    correct = (h > 0).float()
+    margin, right_clean, n_clean, right_flipped, n_flipped = parallel.all_sum(torch.stack([
+        (beta * h).sum(), correct[~flipped].sum(), (~flipped).sum().float(),
+        correct[flipped].sum(), flipped.sum().float()])).tolist()
+    return {"margin": margin / n_global,
+            "acc_clean": right_clean / n_clean if n_clean else float("nan"),
+            "acc_flipped": right_flipped / n_flipped if n_flipped else float("nan"),
+            "n_clean": int(n_clean), "n_flipped": int(n_flipped)}
+
+
+def train_step(trainer: Trainer, batch: dict, records: list[dict], all_records: list[dict], step: int) -> dict:
+    """One optimizer step on ``batch`` (this process's ``records`` of the global batch ``all_records``);
+    returns the step's log row (without ``epoch`` and ``seconds``, which the loop adds)."""
+    sharp = trainer.is_sharpness_step(step)
+    frozen = frozen_perturbed_weights(trainer, sharp)
+    for w in frozen:
+        w.requires_grad_(True)
+    loss, value, h = preference_loss(trainer.forward, batch, records, trainer.method, trainer.parallel)
+    check_finite(value, step, all_records, "training")
+    loss.backward()
+    trainer.parallel.average_gradients(frozen)
+    row = {"step": step, "loss": value.item(), "loss_perturbed": float("nan"), "sharpness_step": sharp,
+           "gamma": 0.0}
+    if sharp:
+        gamma = step_size(trainer.method["sharpness"], trainer.selected, trainer.gamma_rng,
+                          trainer.parallel.sum_over_shards)
+        loss2 = gradients_at_perturbed_point(trainer, batch, records, gamma, step, all_records, frozen)
+        row.update(loss_perturbed=loss2, gamma=gamma)
+    for w in frozen:
+        w.requires_grad_(False)
+        w.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.settings["max_grad_norm"])
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad()
+    row.update(batch_metrics(h, records, len(all_records), trainer.method["beta"], trainer.parallel))
+    row.update(grad_norm=float(grad_norm), lr=trainer.scheduler.get_last_lr()[0])
+    return row
