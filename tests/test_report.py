@@ -8,7 +8,6 @@ import sys
 
 import matplotlib.image
 import pandas as pd
-import pytest
 import yaml
 from PIL import Image
 
@@ -113,13 +112,6 @@ def test_claim_statement_follows_the_numbers():
     small = RATES.assign(prompts=3, seeds=1)
     assert "the sample is too small" in claim_statement(null, small, "dpo", "shapo", 0.05)
     assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05)
-
-
-@pytest.mark.parametrize("module", ["stats", "figures", "report"])
-def test_report_modules_have_a_cli(module):
-    proc = subprocess.run([sys.executable, "-m", f"workflow.{module}", "--help"], capture_output=True, text=True,
-                          cwd=ROOT)
-    assert proc.returncode == 0 and "usage:" in proc.stdout
 
 
 def test_full_config_covers_every_preset_and_benchmark_and_dry_runs(tmp_path):

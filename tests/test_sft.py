@@ -36,12 +36,3 @@ def test_sft_enabled_trains_policies_from_the_sft_model(tmp_path, tiny_model_dir
     assert read_jsonl(tmp_path / "results/data/preferences/reference_logps.jsonl")
     assert "--model results/models/sft " in (proc.stdout + proc.stderr).split("rule reference_logps:", 1)[1]
 
-
-def test_sft_cli_help(capsys):
-    import pytest
-
-    from workflow import sft
-
-    with pytest.raises(SystemExit) as exit_:
-        sft.main(["--help"])
-    assert exit_.value.code == 0 and "python -m workflow.sft" in capsys.readouterr().out
