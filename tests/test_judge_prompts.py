@@ -113,13 +113,13 @@ def test_two_bos_tokens_are_refused():
 def test_answers_are_clipped_like_harmbench():
     tokenizer = tiny_tokenizer(False)
     tokenizer.truncation_side = "left"  # the classifier's own setting must not leak into the clipping
-    answer = " ".join(["sure"] * 600)
+    answer = " ".join(["first"] + ["sure"] * 600)
     clipped = clip_answer(tokenizer, answer, 512)
-    assert clipped == " ".join(["sure"] * 511)  # 512 tokens including the BOS encode adds
+    assert clipped == " ".join(["first"] + ["sure"] * 510)  # cut on the right: 512 tokens with the BOS encode adds
     assert tokenizer.truncation_side == "left"
     assert clip_answer(tokenizer, "sure : first", 512) == "sure : first"
     text = judge_input(tokenizer, spec("harmbench_cls"), {**ROW, "answer": answer})
-    assert text.count("sure") == 511
+    assert text.count("sure") == 510
 
 
 def test_jailbreak_wrapped_prompt_is_judged_with_its_original_behaviour():
