@@ -62,7 +62,7 @@ def test_whole_config_fills_named_entries_and_each_resource_group_keeps_its_own_
     config["resources"] = {"train_policy": {"mem_mb": 1234}}
     validate_config(config)
     assert config["presets"]["shapo_random"]["sharpness"]["gamma_max"] == 4.0e-6
-    assert config["judges"]["refusal_markers"]["max_new_tokens"] == 64
+    assert config["judges"]["refusal_markers"]["batch_size"] == 8  # (max_new_tokens: the judge type's, no schema default)
     assert config["benchmarks"]["harmbench"]["kind"] == "harmful"
     assert config["resources"]["train_policy"] == {"mem_mb": 1234, "threads": 2, "runtime": 240, "gpu": 1}
     assert config["resources"]["prepare"] == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}

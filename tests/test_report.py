@@ -46,6 +46,11 @@ def test_report_renders_from_the_tiny_run(reference_run):
     # the main table and the comparisons, from the numbers: the tiny model never refuses, so nothing differs
     assert "| shapo | 0.25 | 1.000 ± 0.000 [1.00, 1.00] |" not in md  # one seed: no ± std
     assert "| shapo | 0.25 | 1.000 [1.00, 1.00] | 1.000 [1.00, 1.00] |" in md
+    # the refusal-marker judge is named as measuring refusal, not harm, wherever its numbers are shown
+    assert "| method | noise | donotanswer: no-refusal rate (refusal markers: refusal, not harm) | harmbench: " in md
+    assert "The primary judge refusal_markers is the refusal-marker judge" in md.split("## Main table")[0]
+    assert "Primary judge refusal_markers (type refusal_markers). Rates are over all answers." in md
+    assert "| no-refusal rate (refusal markers: refusal, not harm) | 1.000 → 1.000 |" in md  # comparisons
     comp = pd.read_csv(workdir / "results/tables/comparisons.csv")
     assert len(comp) == 4 and set(comp.method) == {"shapo"} and set(comp.reference) == {"dpo"}
     assert (comp["diff"] == 0).all() and (comp.p_holm == 1).all() and not comp.significant.any()
@@ -83,7 +88,7 @@ def test_over_refusal_benchmark_is_a_refusal_rate_and_gets_the_scatter(reference
     dna = rates[rates.benchmark == "donotanswer"]
     assert set(dna.metric) == {"refusal_rate"} and (dna.rate == 0.0).all()  # the tiny model never refuses
     assert set(rates[rates.benchmark == "harmbench"].metric) == {"harmful_rate"}
-    assert "donotanswer (refusal rate)" in (tables / "harmful_rate.md").read_text()
+    assert "donotanswer: over-refusal rate (refusal markers)" in (tables / "harmful_rate.md").read_text()
     run = reference_run[0] / "results"
     figures.main(["--rates", str(tables / "harmful_rate.csv"), "--subspace", str(run / "subspace/summary.tsv"),
                   "--train-logs", *map(str, sorted((run / "policies").rglob("*.train_log.tsv"))),

@@ -39,8 +39,10 @@ def save(fig, stem: Path) -> None:
     plt.close(fig)
 
 
-def metric_label(metric: str) -> str:
-    return metric.replace("_", " ")
+def metric_label(rows: pd.DataFrame) -> str:
+    """What the rates measure (workflow.stats ``metric_label``: e.g. the refusal markers' no-refusal rate
+    measures refusal, not harm)."""
+    return str(rows.metric_label.iloc[0])
 
 
 def plot_rates_vs_noise(rates: pd.DataFrame, stem: Path) -> None:
@@ -62,7 +64,7 @@ def plot_rates_vs_noise(rates: pd.DataFrame, stem: Path) -> None:
             ax.axhline(base.rate.iloc[0], color="grey", linestyle="--", label="base (untrained)")
         ax.set_title(f"{bench} ({sub.kind.iloc[0]})")
         ax.set_xlabel("noise rate ε")
-        ax.set_ylabel(metric_label(sub.metric.iloc[0]))
+        ax.set_ylabel(metric_label(sub), fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
@@ -166,8 +168,8 @@ def plot_refusal_vs_harmful(rates: pd.DataFrame, stem: Path) -> None:
         ax.plot(pts.harmful, pts.refusal, color=colour, alpha=0.5, label=method)
     for j, noise in enumerate(noises):
         ax.scatter([], [], color="k", marker=MARKERS[j % 7], label=f"ε = {noise:g}")
-    ax.set_xlabel("harmful rate (harmful benchmarks)")
-    ax.set_ylabel("refusal rate (over-refusal benchmarks)")
+    ax.set_xlabel(f"harmful benchmarks: {metric_label(rates[rates.kind == 'harmful'])}", fontsize=8)
+    ax.set_ylabel(f"over-refusal benchmarks: {metric_label(rates[rates.kind == 'harmless'])}", fontsize=8)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

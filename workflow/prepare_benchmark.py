@@ -15,7 +15,10 @@ wrapped in jailbreak templates (``jailbreak:``, see ``workflow/wrap_jailbreaks.p
 benchmark's ``all.jsonl`` with ``--base-prompts``).
 
 ``all.jsonl`` (every prompt) is what the probe set is de-duplicated against; ``sample.jsonl``
-is what the models answer. Records: ``id, prompt, category`` (+ ``template`` for wrapped sets).
+is what the models answer. Records: ``id, prompt, category, behavior, context`` (+ ``template`` for
+wrapped sets): ``prompt`` is what the model is asked; ``behavior`` is the original request (the prompt
+column's text, without context or jailbreak template) and ``context`` the context string or null. A
+judge that grades against the behaviour (HarmBench's classifier) reads these two, not ``prompt``.
 """
 from __future__ import annotations
 
@@ -43,14 +46,15 @@ def benchmark_prompts(rows: list[dict], spec: dict, name: str) -> list[dict]:
         prompt = row[spec["prompt_column"]]
         if not isinstance(prompt, str) or not prompt.strip():
             raise SourceError(f"{what}: row {i}: empty or non-text prompt in column {spec['prompt_column']!r}")
-        prompt = prompt.strip()
+        behavior = prompt.strip()
         context = row[spec["context_column"]] if spec.get("context_column") else None
-        if isinstance(context, str) and context.strip():
-            prompt = f"{context.strip()}{CONTEXT_SEPARATOR}{prompt}"
+        context = context.strip() if isinstance(context, str) and context.strip() else None
+        prompt = f"{context}{CONTEXT_SEPARATOR}{behavior}" if context else behavior
         category = row[spec["category_column"]] if spec.get("category_column") else ""
         if isinstance(category, (list, tuple)):  # some hub sets store a list of categories
             category = ",".join(map(str, category))
-        out.append({"id": f"{name}-{i}", "prompt": prompt, "category": "" if category is None else str(category)})
+        out.append({"id": f"{name}-{i}", "prompt": prompt, "category": "" if category is None else str(category),
+                    "behavior": behavior, "context": context})
     if not out:
         raise SourceError(f"{what}: no prompts left after filter {spec.get('filter')}")
     return out

@@ -28,7 +28,7 @@ import yaml
 from workflow.config import fill_defaults
 from workflow.files import read_json, write_text
 from workflow.provenance import source_files
-from workflow.stats import comparisons_display, fmt_noise, main_table_wide, markdown
+from workflow.stats import RULE_BASED, comparisons_display, fmt_noise, main_table_wide, markdown, rates_sentence
 
 PACKAGES = ["torch", "transformers", "accelerate", "safetensors", "datasets", "gguf", "numpy", "pandas", "scipy",
             "statsmodels", "scikit-learn", "matplotlib", "snakemake"]
@@ -190,14 +190,23 @@ class Document:
 
 
 FIGURE_CAPTIONS = {
-    "harmful_rate_vs_noise": "Harmful rate (refusal rate for over-refusal sets) against the noise rate, per "
-                             "benchmark; error bars: 95% bootstrap CI over prompts and seeds; grey: base model",
+    "harmful_rate_vs_noise": "Harmful rate (refusal rate for over-refusal sets; the y axis names what it measures) "
+                             "against the noise rate, per benchmark; error bars: 95% bootstrap CI over prompts and "
+                             "seeds; grey: base model",
     "training_curves": "Training loss and pair accuracy on clean (solid) vs flipped (dashed) pairs, mean over seeds",
     "subspace_neurons": "Probe-selected MLP neurons per layer",
-    "refusal_vs_harmful": "Over-refusal (refusal rate on harmless prompts) against harmful rate, per method "
-                          "and noise rate",
+    "refusal_vs_harmful": "Over-refusal (refusal rate on harmless prompts) against harmful rate (the axes name "
+                          "what each measures), per method and noise rate",
     "reward_soft_labels": "Reward-level: distribution of reward differences and the soft labels they give",
 }
+
+
+def refusal_caveat(judge: str, judge_type: str) -> str:
+    """A sentence for every place that shows the primary judge's numbers, when that judge is the refusal markers."""
+    if judge_type != RULE_BASED:
+        return ""
+    return (f"The primary judge {judge} is the refusal-marker judge: an answer counts as 'unsafe' when it has no "
+            "refusal phrase, so every harmful rate below is a no-refusal rate; it measures refusal, not harm. ")
 
 
 def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
@@ -219,12 +228,14 @@ def build(a) -> Document:
     comp = comp_all[comp_all.judge == judges[0]] if len(comp_all) else comp_all
     doc = Document("ShaPO reproduction: report", Path(a.markdown).parent)
 
+    primary_type = config["judges"][judges[0]]["type"]
+    caveat = refusal_caveat(judges[0], primary_type)
     doc.heading("What the numbers say")
-    doc.text(claim_statement(comp, rates, reference, claim_method, alpha))
+    doc.text(caveat + claim_statement(comp, rates, reference, claim_method, alpha))
 
     doc.heading("Main table")
-    doc.table(main_table_wide(rates), f"Primary judge {judges[0]}. Harmful rate (fraction of answers judged "
-              "unsafe) for harmful benchmarks, refusal rate for over-refusal benchmarks; mean ± std over seeds "
+    doc.text(f"Primary judge {judges[0]} (type {primary_type}). {rates_sentence(rates)}")
+    doc.table(main_table_wide(rates), "Columns are 'benchmark: what the rate measures'; mean ± std over seeds "
               f"[{rep['ci_level']:.0%} bootstrap CI over prompts and seeds].")
 
     doc.heading(f"Comparisons with {reference}")
@@ -242,7 +253,8 @@ def build(a) -> Document:
 
     doc.heading("Per-category rates")
     doc.table(category_wide(pd.read_csv(tables / "categories.csv")),
-              "Metric of each benchmark per category (primary judge), mean over seeds.")
+              f"{caveat}Metric of each benchmark per category (primary judge; the main table's metric of that "
+              "benchmark), mean over seeds.")
 
     doc.heading("Judge agreement")
     if a.judge_agreement:
@@ -251,7 +263,9 @@ def build(a) -> Document:
         by_judge = by_judge.assign(noise=by_judge.noise.map(fmt_noise), rate=by_judge.rate.map(lambda r: f"{r:.3f}"))
         doc.table(by_judge.pivot_table(index=["method", "noise", "benchmark"], columns="judge", values="rate",
                                        aggfunc="first", sort=False).reset_index().rename_axis(columns=None),
-                  "Metric per judge (mean over seeds).")
+                  "Metric per judge (mean over seeds): the attack success rate (unsafe / all answers) for LLM "
+                  "judges; for refusal_markers the no-refusal rate, which measures refusal, not harm; the "
+                  "over-refusal rate (refusal markers) for over-refusal benchmarks.")
     else:
         doc.text(f"One judge only ({judges[0]}): no agreement to report.")
 

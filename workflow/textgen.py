@@ -46,16 +46,19 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int,
-                   sampling: Sampling = Sampling(), desc: str = "generate") -> tuple[list[str], list[int]]:
+                   sampling: Sampling = Sampling(), desc: str = "generate",
+                   add_special_tokens: bool = False) -> tuple[list[str], list[int]]:
     """Continuations of already formatted ``texts`` in input order, and their token counts.
 
     Texts are batched by length (so little padding is wasted) and left-padded (decoder-only
     models continue from the right end). Sampling is seeded once per call, so a rerun with the
-    same batch size reproduces the answers.
+    same batch size reproduces the answers. ``add_special_tokens`` is False for texts a chat template
+    formatted (the template writes its own BOS); a judge whose input lacks the BOS sets it True
+    (``workflow.safety_judges.bos_flag``) so that the tokenizer adds it.
     """
     if tokenizer.padding_side != "left":
         raise ValueError("generate_texts needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))")
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    lengths = [len(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     answers, counts = [""] * len(texts), [0] * len(texts)
     stops = stop_token_ids(model, tokenizer)
@@ -64,7 +67,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
     batches = range(0, len(order), batch_size)
     for start in progress(batches, total=len(batches), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=add_special_tokens)
         enc = enc.to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              **sampling.generate_kwargs())

@@ -13,8 +13,9 @@ Used by ``workflow.prepare_benchmark`` for config entries with a ``jailbreak:`` 
 
 Every base prompt is put into every sampled template (so the wrapped set has
 n_base x n_templates prompts; ``evaluation.n_prompts`` then samples from it). The base prompt's
-category is kept, and the template's index in the template file is recorded, so harmful rates
-can be split by template.
+category, behaviour and context are kept (a judge that grades against the original behaviour, like
+HarmBench's classifier, reads those, not the wrapped prompt), and the template's index in the template
+file is recorded, so harmful rates can be split by template.
 """
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def wrap(template: str, prompt: str, placeholder: str) -> str:
 
 
 def wrap_prompts(base: list[dict], template_rows: list[dict], spec: dict, name: str) -> list[dict]:
-    """Every base prompt in every sampled template: records id, prompt, category, template.
+    """Every base prompt in every sampled template: records id, prompt, category, behavior, context, template.
 
-    ``spec`` is the benchmark's ``jailbreak`` entry (validated here, defaults filled)."""
+    ``spec`` is the benchmark's ``jailbreak`` entry (validated here, defaults filled). ``base`` rows are the
+    base benchmark's records (prepare_benchmark), which carry the original ``behavior`` and ``context``."""
     what = f"benchmarks.{name}.jailbreak"
     spec = fill_defaults(spec, f"benchmarks/{name}/jailbreak")
     placeholder = spec["placeholder"]
@@ -57,6 +59,11 @@ def wrap_prompts(base: list[dict], template_rows: list[dict], spec: dict, name: 
     chosen = sample_templates(templates, spec["n_templates"], spec["seed"], what)
     if not base:
         raise SourceError(f"{what}: the base benchmark {spec['benchmark']!r} has no prompts")
+    for i, row in enumerate(base):
+        if not isinstance(row.get("behavior"), str):
+            raise SourceError(f"{what}: base benchmark {spec['benchmark']!r} row {i} (id {row.get('id')!r}) has no "
+                              "'behavior' (its all.jsonl predates it: rerun prepare_benchmark for it)")
     return [{"id": f"{name}-t{t_index}-{row['id']}", "prompt": wrap(template, row["prompt"], placeholder),
-             "category": row.get("category", ""), "template": t_index}
+             "category": row.get("category", ""), "behavior": row["behavior"], "context": row.get("context"),
+             "template": t_index}
             for t_index, template in chosen for row in base]
