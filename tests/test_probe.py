@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
+from workflow.config import fill_defaults
 from workflow.probe_data import assert_disjoint, build_probe_set, decontaminate, normalise
 from workflow.sources import SourceError
-from workflow.train_probe import fit_probe
+from workflow.train_probe import fit_both
 
 
 def test_normalisation_ignores_case_punctuation_and_spacing():
@@ -39,6 +40,7 @@ def test_probe_direction_points_from_safe_to_unsafe():
     safe = rng.normal(size=(60, 8)) - 3 * axis
     features = np.concatenate([unsafe, safe])
     labels = np.array([1] * 60 + [0] * 60)
-    direction, metrics = fit_probe(features, labels, test_fraction=0.25, seed=0)
-    assert metrics["heldout_accuracy"] > 0.9
+    directions, metrics = fit_both(features, labels, fill_defaults({}, "probe"))  # logistic, 25% held out
+    direction = directions["logistic"]
+    assert metrics["heldout_accuracy"] > 0.9 and metrics["n_heldout"] == 30
     assert np.argmax(np.abs(direction)) == 2 and direction[2] > 0
