@@ -26,10 +26,11 @@ def test_surviving_overlap_fails_loudly():
 
 
 def test_probe_set_is_balanced_and_seeded():
-    rows = build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], n_per_class=8, seed=0)
+    rows = build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], n_per_class=8, seed=0,
+                           sample="balanced")
     assert sum(r["label"] == 1 for r in rows) == 8 and sum(r["label"] == 0 for r in rows) == 8
-    assert rows == build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], 8, seed=0)
-    assert len(build_probe_set(["u"] * 3, ["s"] * 30, n_per_class=8, seed=0)) == 6
+    assert rows == build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], 8, 0, "balanced")
+    assert len(build_probe_set(["u"] * 3, ["s"] * 30, n_per_class=8, seed=0, sample="balanced")) == 6
 
 
 def test_probe_direction_points_from_safe_to_unsafe():

@@ -57,7 +57,7 @@ def test_sample_all_keeps_every_text_unbalanced_and_seeded():
     rows = build_probe_set(unsafe, safe, n_per_class=2, seed=1, sample="all")
     assert sorted(r["text"] for r in rows) == sorted(unsafe + safe)
     assert rows == build_probe_set(unsafe, safe, 2, 1, "all") != build_probe_set(unsafe, safe, 2, 2, "all")
-    assert len(build_probe_set(unsafe, safe, n_per_class=2, seed=1)) == 4  # balanced: n_per_class each
+    assert len(build_probe_set(unsafe, safe, n_per_class=2, seed=1, sample="balanced")) == 4  # n_per_class each
 
 
 def test_template_without_a_slot_is_refused():
@@ -272,3 +272,9 @@ def jobs(dry_run: str) -> dict[str, int]:
     import re
 
     return {m[1]: int(m[2]) for m in re.finditer(r"^([a-z_]+)\s+(\d+)$", dry_run, re.M) if m[1] != "total"}
+
+
+def test_report_shows_the_fit_sensitivity(reference_run):
+    metrics = read_json(reference_run[0] / "results/probe/metrics.json")
+    report = (reference_run[0] / "results/report.md").read_text()
+    assert f"has cosine {metrics['fit_cosine']:.3f} with it" in report and "Jaccard" in report

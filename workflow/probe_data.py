@@ -120,7 +120,7 @@ def pku_response_texts(rows: list[dict], excluded: dict[str, list[str]], what: s
     return ({c: list(dict.fromkeys(t)) for c, t in texts.items()}, removed, prompts, pair_of)
 
 
-def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int, sample: str = "balanced",
+def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int, sample: str,
                     pair_of: dict[str, int] | None = None) -> list[dict]:
     """The probe rows ``{"text", "label"[, "pair"]}`` in a seeded order.
 

@@ -211,8 +211,9 @@ def fit_sensitivity(metrics: dict, subspace: pd.DataFrame) -> str | None:
     return (f"Probe fit sensitivity: the subspace comes from the {metrics['fit']} probe. The {metrics['secondary_fit']} "
             f"probe, fitted on the same texts, has cosine {metrics['fit_cosine']:.3f} with it, and selects "
             f"{int(subspace.secondary_selected.sum())} neurons of which {shared} are shared: Jaccard "
-            f"{shared / union if union else 1.0:.3f}. The linear head's direction keeps its random init "
-            f"({head['init_share']:.0%} of its squared norm; cosine {head['cosine_with_init']:.3f} with the init).")
+            f"{shared / union if union else 1.0:.3f}. Linear head: ‖random init‖² / ‖direction‖² = "
+            f"{head['init_share']:.2f}, cosine {head['cosine_with_init']:.3f} with the init (both near 1: the head "
+            f"barely moved from its init, as with few Adam steps at a small lr).")
 
 
 def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
