@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
-from workflow.config import ConfigError, is_workflow_output, validate_config  # noqa: E402
+from workflow.config import ConfigError, is_workflow_output, params_json, validate_config  # noqa: E402
 from workflow.config import reads_subspace, reward_beta_r_values, rule_resources, training_launcher, uses_reward  # noqa: E402
 from workflow.locks import clear_stale_locks, record_owner  # noqa: E402
 
@@ -58,7 +58,7 @@ wildcard_constraints:
 
 def as_json(obj):
     """A config slice as one shell-quoted JSON argument (params with it rerun jobs when it changes)."""
-    return shlex.quote(json.dumps(obj, sort_keys=True))
+    return shlex.quote(params_json(obj))
 
 
 def model_dir(wildcards):

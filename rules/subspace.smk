@@ -1,18 +1,19 @@
-# Subspace stage: probe on the frozen base model, then the neurons ShaPO perturbs.
+# Subspace stage: probe on a frozen model, then the neurons ShaPO perturbs.
+
+# probe.model: base = the frozen base model (official), start = the model policies start from (SFT when on).
+PROBE_MODEL = "results/models/base" if config["probe"]["model"] == "base" else start_model()
 
 
 rule train_probe:
     input:
-        model=start_model(),
+        model=PROBE_MODEL,
         data=rules.probe_data.output.data,
         benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
     output:
         direction="results/probe/direction.safetensors",
         metrics="results/probe/metrics.json",
     params:
-        layer=config["probe"]["layer"],
-        test_fraction=config["probe"]["test_fraction"],
-        seed=config["probe"]["seed"],
+        spec=as_json({k: v for k, v in config["probe"].items() if k != "data"}),
         benchmarks=lambda wc, input: " ".join(
             f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(ALL_BENCHMARKS, input.benchmarks)
         ),
@@ -27,13 +28,13 @@ rule train_probe:
         "../envs/torch.yaml"
     shell:
         "python -m workflow.train_probe --model {input.model} --data {input.data} {params.benchmarks}"
-        " --layer {params.layer} --test-fraction {params.test_fraction} --seed {params.seed} --threads {threads}"
+        " --spec-json {params.spec} --threads {threads}"
         " --direction {output.direction} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule select_subspace:
     input:
-        model=start_model(),
+        model=PROBE_MODEL,
         direction=rules.train_probe.output.direction,
     output:
         neurons="results/subspace/neurons.safetensors",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def shell_commands(text: str, rule: str) -> list[str]:
     return [b.split("Shell command: ", 1)[1] for b in blocks if f"rule {rule}:" in b and "Shell command: " in b]
 
 
+def spec_arg(command: str) -> dict:
+    """The JSON after --spec-json in a printed shell command."""
+    args = shlex.split(command)
+    return json.loads(args[args.index("--spec-json") + 1])
+
+
 def test_paper_config_dry_runs_offline(tmp_path):
     proc = dry_run_paper(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,6 +60,18 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert '"path"' not in prefs_cmd  # the default's local path did not leak into the hub source
     (probe_cmd,) = shell_commands(out, "probe_data")
     assert '"format": "pku-saferlhf"' in probe_cmd and '"unsafe"' not in probe_cmd
+    probe_spec = spec_arg(probe_cmd)  # the official probe texts: PKU-30K train responses in the HH scaffold, all
+    assert probe_spec["template"] == "\n\nHuman: {prompt}\n\nAssistant:{response}" and "{prompt}" not in probe_cmd
+    assert probe_spec["source"]["split"] == "train" and probe_spec["sample"] == "all"
+    # the probe and the subspace on the frozen base model (official), with the official head and length rule
+    (train_probe_cmd,) = shell_commands(out, "train_probe")
+    (subspace_cmd,) = shell_commands(out, "select_subspace")
+    assert "--model results/models/base " in train_probe_cmd and "--model results/models/base " in subspace_cmd
+    fit_spec = spec_arg(train_probe_cmd)
+    assert fit_spec["linear_head"] == {"lr": 1e-5, "batch_size": 256, "epochs": 10, "valid_every": 30,
+                                       "checkpoint": "best_in_last_epoch"}
+    assert {k: fit_spec[k] for k in ("model", "fit", "max_tokens", "length_rule", "n_heldout", "layer")} == {
+        "model": "base", "fit": "linear_head", "max_tokens": 256, "length_rule": "drop", "n_heldout": 256, "layer": -1}
     assert "advbench" not in out  # removed with `advbench: null`
     bench_cmds = " ".join(shell_commands(out, "prepare_benchmark"))
     assert "walledai/SaladBench" in bench_cmds and "FunctionalCategory" not in bench_cmds
@@ -109,10 +128,11 @@ def test_probe_data_from_pku_response_safety_labels(tmp_path):
                      "--output", str(tmp_path / "data.jsonl"), "--report", str(tmp_path / "report.tsv")])
     out = read_jsonl(tmp_path / "data.jsonl")
     expected = {}
-    for r in rows[1:]:  # the first row's prompt is a benchmark prompt: dropped with both responses
-        for k in (0, 1):
-            expected[f"{r['prompt']}\n\n{r[f'response_{k}']}"] = 0 if r[f"is_response_{k}_safe"] else 1
-    n = min(list(expected.values()).count(0), list(expected.values()).count(1))
-    assert len(out) == 2 * n and all(expected[o["text"]] == o["label"] for o in out)
-    assert not any(o["text"].startswith(rows[0]["prompt"]) for o in out)
+    for i, r in enumerate(rows[1:], start=1):  # the first row's prompt is a benchmark prompt: dropped whole
+        for k in (0, 1):  # the default template: the official HH scaffold, prompt and response as they are
+            text = f"\n\nHuman: {r['prompt']}\n\nAssistant:{r[f'response_{k}']}"
+            expected.setdefault(text, (0 if r[f"is_response_{k}_safe"] else 1, i))
+    n = min([label for label, _ in expected.values()].count(c) for c in (0, 1))
+    assert len(out) == 2 * n and all(expected[o["text"]] == (o["label"], o["pair"]) for o in out)
+    assert not any(rows[0]["prompt"] in o["text"] for o in out)
     assert "rows\tharmbench\t1\t" in (tmp_path / "report.tsv").read_text()

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
+from workflow.config import fill_defaults
 from workflow.probe_data import assert_disjoint, build_probe_set, decontaminate, normalise
 from workflow.sources import SourceError
-from workflow.train_probe import fit_probe
+from workflow.train_probe import fit_both
 
 
 def test_normalisation_ignores_case_punctuation_and_spacing():
@@ -25,10 +26,11 @@ def test_surviving_overlap_fails_loudly():
 
 
 def test_probe_set_is_balanced_and_seeded():
-    rows = build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], n_per_class=8, seed=0)
+    rows = build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], n_per_class=8, seed=0,
+                           sample="balanced")
     assert sum(r["label"] == 1 for r in rows) == 8 and sum(r["label"] == 0 for r in rows) == 8
-    assert rows == build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], 8, seed=0)
-    assert len(build_probe_set(["u"] * 3, ["s"] * 30, n_per_class=8, seed=0)) == 6
+    assert rows == build_probe_set([f"u{i}" for i in range(10)], [f"s{i}" for i in range(30)], 8, 0, "balanced")
+    assert len(build_probe_set(["u"] * 3, ["s"] * 30, n_per_class=8, seed=0, sample="balanced")) == 6
 
 
 def test_probe_direction_points_from_safe_to_unsafe():
@@ -39,6 +41,7 @@ def test_probe_direction_points_from_safe_to_unsafe():
     safe = rng.normal(size=(60, 8)) - 3 * axis
     features = np.concatenate([unsafe, safe])
     labels = np.array([1] * 60 + [0] * 60)
-    direction, metrics = fit_probe(features, labels, test_fraction=0.25, seed=0)
-    assert metrics["heldout_accuracy"] > 0.9
+    directions, metrics = fit_both(features, labels, fill_defaults({}, "probe"))  # logistic, 25% held out
+    direction = directions["logistic"]
+    assert metrics["heldout_accuracy"] > 0.9 and metrics["n_heldout"] == 30
     assert np.argmax(np.abs(direction)) == 2 and direction[2] > 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -146,6 +148,16 @@ def drop_nulls(node):
     return node
 
 
+def params_json(obj) -> str:
+    """``obj`` as JSON (sorted keys) for a rule's params, with every brace inside a string written as a
+    ``\\u007b``/``\\u007d`` escape: the same JSON value, but Snakemake reads ``{name}`` in a params string
+    as a wildcard (a text template such as probe.data.template holds ``{prompt}``)."""
+    def escape(m: re.Match) -> str:
+        return m[0].replace("{", "\\u007b").replace("}", "\\u007d")
+
+    return re.sub(r'"(?:[^"\\]|\\.)*"', escape, json.dumps(obj, sort_keys=True))
+
+
 def is_workflow_output(path: str) -> bool:
     """A data path inside results/ is made by the workflow (e.g. the held-out preference prompts)."""
     return os.path.normpath(path).split(os.sep)[0] == "results"
@@ -233,6 +245,10 @@ def check_probe_data(probe_data: dict) -> None:
     for key in [k for k in ("source", "unsafe", "safe") if k not in needed and k in probe_data]:
         raise ConfigError(f"config key probe.data.{key}: not used with probe.data.format {probe_data['format']};"
                           " remove it (set it to null in a --configfile)")
+    missing = [p for p in ("{prompt}", "{response}") if p not in probe_data["template"]]
+    if probe_data["format"] == "pku-saferlhf" and missing:
+        raise ConfigError(f"config key probe.data.template: {probe_data['template']!r} has no {' or '.join(missing)}"
+                          " (the text of a response is the template with both filled in)")
 
 
 def check_paths(config: dict) -> None:

@@ -9,8 +9,13 @@ source (refusal-direction instructions) shares prompts with AdvBench and HarmBen
 text whose normalised form equals an evaluation prompt is removed and the count reported.
 
 With ``"format": "pku-saferlhf"`` the spec has one ``source`` of PKU-SafeRLHF rows instead: each
-response (after its prompt) is a text labelled by ``is_response_<i>_safe`` (the paper's probe),
-and rows whose prompt is an evaluation or held-out prompt are dropped.
+response is a text, ``template`` filled with the row's prompt and response (default: the official
+``\n\nHuman: {prompt}\n\nAssistant:{response}``), labelled by ``is_response_<i>_safe`` (the paper's
+probe); rows whose prompt is an evaluation or held-out prompt are dropped. Each such text carries
+its row's index as ``pair``, so that train_probe can drop a pair whole under the length rule.
+
+``sample: balanced`` keeps a seeded sample of ``n_per_class`` texts per class; ``sample: all`` keeps
+every text, unbalanced, in a seeded order (the official probe set). See docs/probe.md.
 """
 from __future__ import annotations
 
@@ -72,18 +77,28 @@ def load_texts(source: dict, column: str, what: str) -> list[str]:
     return list(dict.fromkeys(texts))  # exact duplicates within a class carry no information
 
 
-def pku_response_texts(rows: list[dict], excluded: dict[str, list[str]], what: str):
-    """PKU-SafeRLHF rows -> (unsafe texts, safe texts, removed per excluded set, prompts kept).
+def render(template: str, prompt: str, response: str) -> str:
+    """``template`` with ``{prompt}`` and ``{response}`` replaced in one pass (so braces inside the
+    prompt are never read as a placeholder)."""
+    values = {"prompt": prompt, "response": response}
+    return re.sub(r"\{(prompt|response)\}", lambda m: values[m[1]], template)
 
-    Each response is one text, ``prompt\n\nresponse``, labelled by ``is_response_<i>_safe``.
-    A row whose prompt matches an excluded prompt (a benchmark or a held-out preference prompt,
-    which may come from the same data set) is dropped whole and counted per set.
+
+def pku_response_texts(rows: list[dict], excluded: dict[str, list[str]], what: str, template: str):
+    """PKU-SafeRLHF rows -> ({"unsafe": texts, "safe": texts}, removed per excluded set, prompts kept,
+    {text: index of the row it first came from}).
+
+    Each response is one text, ``template`` filled with the row's prompt and response as they are
+    (the official probe does not strip them), labelled by ``is_response_<i>_safe``; a text repeated
+    within a class is kept once. A row whose prompt matches an excluded prompt (a benchmark or a
+    held-out preference prompt, which may come from the same data set) is dropped whole and counted per set.
     """
     columns = ["prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe"]
     require_columns(rows, columns, what)
     banned = {name: {normalise(p) for p in prompts} for name, prompts in excluded.items()}
     removed = {name: 0 for name in excluded}
     texts = {"unsafe": [], "safe": []}
+    pair_of = {}
     prompts = []
     for i, row in enumerate(rows):
         prompt = str(row["prompt"]).strip()
@@ -97,18 +112,30 @@ def pku_response_texts(rows: list[dict], excluded: dict[str, list[str]], what: s
             flag = row[f"is_response_{k}_safe"]
             if not isinstance(flag, bool) and flag not in (0, 1, "true", "false", "True", "False"):
                 raise SourceError(f"{what}: row {i}: is_response_{k}_safe must be true or false, got {flag!r}")
-            response = str(row[f"response_{k}"]).strip()
-            if response:
-                texts["safe" if str(flag).lower() in ("true", "1") else "unsafe"].append(f"{prompt}\n\n{response}")
-    return ({c: list(dict.fromkeys(t)) for c, t in texts.items()}, removed, prompts)
+            response = str(row[f"response_{k}"])
+            if response.strip():
+                text = render(template, str(row["prompt"]), response)
+                texts["safe" if str(flag).lower() in ("true", "1") else "unsafe"].append(text)
+                pair_of.setdefault(text, i)
+    return ({c: list(dict.fromkeys(t)) for c, t in texts.items()}, removed, prompts, pair_of)
 
 
-def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int) -> list[dict]:
-    """Balanced, seeded sample: ``min(n_per_class, |unsafe|, |safe|)`` texts per class."""
-    n = min(n_per_class, len(unsafe), len(safe))
+def build_probe_set(unsafe: list[str], safe: list[str], n_per_class: int, seed: int, sample: str,
+                    pair_of: dict[str, int] | None = None) -> list[dict]:
+    """The probe rows ``{"text", "label"[, "pair"]}`` in a seeded order.
+
+    ``balanced``: ``min(n_per_class, |unsafe|, |safe|)`` texts per class, a seeded sample; ``all``: every
+    text of both classes. With ``pair_of`` (PKU rows) each row carries the index of its source pair.
+    """
     rng = random.Random(seed)
-    rows = [{"text": t, "label": UNSAFE} for t in rng.sample(unsafe, n)]
-    rows += [{"text": t, "label": SAFE} for t in rng.sample(safe, n)]
+    if sample == "balanced":
+        n = min(n_per_class, len(unsafe), len(safe))
+        unsafe, safe = rng.sample(unsafe, n), rng.sample(safe, n)
+    elif sample != "all":
+        raise ValueError(f"probe.data.sample: {sample!r}; expected balanced or all")
+    rows = [{"text": t, "label": UNSAFE} for t in unsafe] + [{"text": t, "label": SAFE} for t in safe]
+    if pair_of is not None:
+        rows = [r | {"pair": pair_of[r["text"]]} for r in rows]
     rng.shuffle(rows)
     return rows
 
@@ -130,10 +157,11 @@ def main(argv=None):
         excluded[name] = [r["prompt"] for r in read_jsonl(path)]
     report = []
     classes = {}
+    pair_of = None
     if spec["format"] == "pku-saferlhf":
         what = f"probe.data.source ({spec['source'].get('path') or spec['source'].get('hub')})"
         rows = load_rows(spec["source"], what=what)
-        classes, removed, prompts = pku_response_texts(rows, excluded, what)
+        classes, removed, prompts, pair_of = pku_response_texts(rows, excluded, what, spec["template"])
         assert_disjoint(prompts, excluded, what)
         report += [{"class": "rows", "benchmark": b, "removed": n, "read": len(rows), "kept": len(prompts)}
                    for b, n in removed.items()]
@@ -148,7 +176,8 @@ def main(argv=None):
             classes[label] = kept
             report += [{"class": label, "benchmark": b, "removed": n, "read": len(texts), "kept": len(kept)}
                        for b, n in removed.items()]
-    rows = build_probe_set(classes["unsafe"], classes["safe"], spec["n_per_class"], spec["seed"])
+    rows = build_probe_set(classes["unsafe"], classes["safe"], spec["n_per_class"], spec["seed"], spec["sample"],
+                           pair_of)
     write_jsonl(a.output, rows)
     write_tsv(a.report, pd.DataFrame(report, columns=["class", "benchmark", "removed", "read", "kept"]))
     print(json.dumps({"probe_texts": len(rows), "removed": report}))

@@ -209,6 +209,23 @@ def refusal_caveat(judge: str, judge_type: str) -> str:
             "refusal phrase, so every harmful rate below is a no-refusal rate; it measures refusal, not harm. ")
 
 
+def fit_sensitivity(metrics: dict, subspace: pd.DataFrame) -> str | None:
+    """A sentence on how much the subspace depends on the probe fit: the cosine of the two fits' directions
+    (train_probe) and the Jaccard overlap of the neurons they select (select_subspace's summary)."""
+    if "fit_cosine" not in metrics or "shared" not in subspace:
+        return None
+    shared = int(subspace.shared.sum())
+    union = int(subspace.selected.sum() + subspace.secondary_selected.sum()) - shared
+    head = metrics["fits"]["linear_head"]
+    return (f"Probe fit sensitivity: the subspace comes from the {metrics['fit']} probe. The {metrics['secondary_fit']} "
+            f"probe, fitted on the same texts, has cosine {metrics['fit_cosine']:.3f} with it, and selects "
+            f"{int(subspace.secondary_selected.sum())} neurons of which {shared} are shared: Jaccard "
+            f"{shared / union if union else 1.0:.3f}. Linear head: ‖random init‖² / ‖direction‖² = "
+            f"{head['init_share']:.2f}, cosine {head['cosine_with_init']:.3f} with the init"
+            + (" (the head is mostly its random initialisation: it barely moved in its training steps)."
+               if head["init_share"] > 0.5 else "."))
+
+
 def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
     column = categories.method + categories.noise.map(lambda n: "" if pd.isna(n) else f" ε={n:g}")
     return (categories.assign(column=column, rate=categories.rate.map(lambda r: f"{r:.2f}"))
@@ -274,8 +291,13 @@ def build(a) -> Document:
         doc.code(json.dumps(read_json(a.reward_metrics), indent=2))
 
     doc.heading("Probe, subspace and decontamination")
-    doc.code(json.dumps(read_json(a.probe_metrics), indent=2))
-    doc.table(pd.read_csv(a.subspace, sep="\t"), "Selected neurons per layer (results/subspace/summary.tsv).")
+    probe_metrics, subspace = read_json(a.probe_metrics), pd.read_csv(a.subspace, sep="\t")
+    doc.code(json.dumps(probe_metrics, indent=2))
+    sensitivity = fit_sensitivity(probe_metrics, subspace)
+    if sensitivity:
+        doc.text(sensitivity)
+    doc.table(subspace, "Selected neurons per layer (results/subspace/summary.tsv); secondary_selected and shared: "
+              "the other probe fit's selection and its overlap with this one.")
     doc.table(pd.read_csv(a.decontamination, sep="\t"), "Decontamination: probe texts read, removed for overlap "
               "with each benchmark or the held-out preference prompts, and kept (results/probe/decontamination.tsv).")
 
