@@ -5,7 +5,6 @@ trained in the fixture to answer every HH prompt with one fixed text, so that st
 at known places."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -279,15 +278,6 @@ def test_vllm_answers_equal_the_transformers_answers(parrot_dir, tmp_path):
             runs[backend] = [json.loads(line) for line in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
         for key in ("answer", "stop", "prompt_truncated", "prompt_tokens_dropped"):
             assert [r[key] for r in runs["vllm"]] == [r[key] for r in runs["transformers"]], (stop, key)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
-def test_vllm_missing_is_a_config_error_before_any_work(tiny_model_dir, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"id": "p0", "prompt": "Hi", "category": ""}) + "\n")
-    with pytest.raises(SystemExit, match="config key evaluation.backend"):
-        main(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--backend", "vllm", "--stop-json", '["\\n"]',
-              "--output", str(tmp_path / "a.jsonl")])
 
 
 # ------------------------------------------------------------------------------------------ the workflow
