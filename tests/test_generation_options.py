@@ -298,3 +298,20 @@ def test_workflow_generations_carry_stops_samples_and_reach_the_judge(parrot_dir
     assert sum(r["stop"] == "\n" for r in rows) >= len(rows) // 2  # the parrot says "\n" after its first line
     summary = json.loads((tmp_path / "results/judgements/refusal_markers/base/harmbench.json").read_text())
     assert summary["n"] == len(rows) and summary["prompt_truncated"] == 0
+
+
+def test_paper_config_generates_as_the_official_code(tmp_path):
+    """config/paper.yaml: HH turns, sampled at T = 1.0 and top_p 1.0, 256 new tokens, cut at "\\n"
+    (official judeg_eval/model_infer.py:33, 39, 82, 103), 3 seeded samples per prompt (ours)."""
+    from test_paper_config import dry_run_paper, shell_commands
+
+    proc = dry_run_paper(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = shell_commands(proc.stdout + proc.stderr, "generate")
+    assert len(commands) == 33
+    for cmd in commands:
+        args = shlex.split(cmd.split(">")[0])
+        assert args[args.index("--prompt-format") + 1] == "hh" and args[args.index("--max-new-tokens") + 1] == "256"
+        assert "--do-sample" in args and args[args.index("--temperature") + 1] == "1.0"
+        assert args[args.index("--top-p") + 1] == "1.0" and args[args.index("--samples") + 1] == "3"
+        assert json.loads(args[args.index("--stop-json") + 1]) == ["\n"]
