@@ -5,7 +5,7 @@ Texts are sorted by length and left-padded (decoder-only models continue from th
 little padding is wasted; decoding is greedy unless ``Sampling.do_sample``.
 
 Stop strings: generation of a sequence ends once it has produced one of them (transformers'
-``stop_strings``; a batch ends when all its sequences have ended), and ``finish_answer`` then cuts
+``StopStringCriteria``; a batch ends when all its sequences have ended), and ``finish_answer`` then cuts
 the decoded text at the first stop string. The cut is that one pure function for every backend
 (the vLLM path of ``workflow.generate`` too), so the backends cannot disagree on where an answer ends.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 from workflow.progress import progress
 
@@ -138,7 +139,9 @@ def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     raws, counts = [""] * len(texts), [0] * len(texts)
     stops = stop_token_ids(model, tokenizer)
-    stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+    # built once per call, not per batch (generate(stop_strings=...) would rebuild it from the vocabulary
+    # every batch: 0.3-0.4 s each for a 49k vocabulary on this machine)
+    stopping = {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))])} if stop else {}
     if sampling.do_sample:
         torch.manual_seed(sampling.seed)
     batches = range(0, len(order), batch_size)
