@@ -10,6 +10,7 @@ from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
 from workflow.config import ConfigError, is_workflow_output, params_json, validate_config  # noqa: E402
+from workflow.config import generation_args as config_generation_args  # noqa: E402
 from workflow.config import reads_subspace, reward_beta_r_values, rule_resources, training_launcher, uses_reward  # noqa: E402
 from workflow.locks import clear_stale_locks, record_owner  # noqa: E402
 
@@ -98,10 +99,8 @@ def exclusion_args(wildcards, input):
 
 
 def generation_args():
-    """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
-    e = config["evaluation"]
-    args = f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
-    return args + (f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}" if e["do_sample"] else "")
+    """Decoding options of workflow.generate (workflow/config.py generation_args)."""
+    return config_generation_args(config)
 
 
 def judge_group(judge):

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -192,6 +193,13 @@ def check_backend(config: dict) -> None:
                           " (pip install vllm on a GPU machine), or set evaluation.backend: transformers")
 
 
+def check_evaluation(config: dict) -> None:
+    e = config["evaluation"]
+    if e["samples"] > 1 and not e["do_sample"]:
+        raise ConfigError(f"config key evaluation.samples: {e['samples']} samples per prompt need evaluation.do_sample:"
+                          " true (greedy answers would all be the same)")
+
+
 def check_judges(config: dict) -> None:
     for j in config["evaluation"]["judges"]:
         spec = config["judges"][j]
@@ -274,7 +282,7 @@ def check_config(config: dict) -> None:
 
     In this order: a name must be defined before its entry is read; the paths last (they touch the disk).
     """
-    for check in (check_names, check_backend, check_judges, check_benchmarks, check_presets, check_reward_model,
+    for check in (check_names, check_backend, check_evaluation, check_judges, check_benchmarks, check_presets, check_reward_model,
                   check_training):
         check(config)
     check_probe_data(config["probe"]["data"])
@@ -312,3 +320,11 @@ def reward_beta_r_values(config: dict) -> list[float]:
     methods = [config["presets"][m]["reward_labels"]["beta_r"] for m in config["methods"]
                if uses_reward(config["presets"][m])]
     return sorted(set(map(float, config["reward_model"]["beta_r_plot"] + methods)))
+
+
+def generation_args(config: dict) -> str:
+    """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
+    e = config["evaluation"]
+    args = (f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
+            f" --samples {e['samples']} --stop-json {shlex.quote(json.dumps(e['stop']))}")
+    return args + (f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}" if e["do_sample"] else "")

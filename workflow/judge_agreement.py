@@ -3,7 +3,7 @@
     python -m workflow.judge_agreement --labels results/judgements/*/*/*.jsonl ... \
         --output results/tables/judge_agreement.csv
 
-Answers are paired by (model, benchmark, id): the same answer labelled by two judges. Only
+Answers are paired by (model, benchmark, id, sample): the same answer labelled by two judges. Only
 answers both judges labelled safe or unsafe are compared; the pairs left out because either
 verdict is unparseable are counted (``n_unparseable``). Kappa is sklearn's
 ``cohen_kappa_score``; it is undefined (NaN) when both judges give one label only.
@@ -46,7 +46,10 @@ def agreement_row(a: pd.Series, b: pd.Series) -> dict:
 
 def agreement_table(labels: pd.DataFrame) -> pd.DataFrame:
     """labels: columns judge, model, benchmark, id, label. One row per benchmark (+ "all") and judge pair."""
-    wide = labels.pivot_table(index=["model", "benchmark", "id"], columns="judge", values="label", aggfunc="first")
+    if "sample" not in labels:
+        labels = labels.assign(sample=0)
+    wide = labels.pivot_table(index=["model", "benchmark", "id", "sample"], columns="judge", values="label",
+                              aggfunc="first")
     judges = sorted(labels.judge.unique())
     rows = []
     for bench in [*sorted(labels.benchmark.unique()), "all"]:
@@ -66,7 +69,9 @@ def read_labels(paths: list[str]) -> pd.DataFrame:
         judge, model, bench = parts[0], "/".join(parts[1:-1]), p.stem
         rows = read_jsonl(path)
         frames.append(pd.DataFrame({"judge": judge, "model": model, "benchmark": bench,
-                                    "id": [r["id"] for r in rows], "label": [r["label"] for r in rows]}))
+                                    "id": [r["id"] for r in rows], "label": [r["label"] for r in rows],
+                                    # sampled answers of one prompt (evaluation.samples) are different answers
+                                    "sample": [r.get("sample", 0) for r in rows]}))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -149,10 +149,16 @@ def split_by_layer(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return [flat[(flat >= lo) & (flat < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
+    """``chat`` or ``hh``: ``auto`` is the chat template when the tokenizer has one, else HH turns."""
+    if prompt_format == "auto":
+        return "chat" if tokenizer.chat_template else "hh"
+    return prompt_format
+
+
 def format_prompt(tokenizer, messages: list[dict], prompt_format: str = "auto") -> str:
     """The text a model sees before its answer: its chat template, or HH-style turns for base models."""
-    if prompt_format == "auto":
-        prompt_format = "chat" if tokenizer.chat_template else "hh"
+    prompt_format = resolve_prompt_format(tokenizer, prompt_format)
     if prompt_format == "chat":
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if prompt_format == "hh":

@@ -233,6 +233,27 @@ def category_wide(categories: pd.DataFrame) -> pd.DataFrame:
                          sort=False).reset_index().rename_axis(columns=None))
 
 
+def generation_note(rates: pd.DataFrame, evaluation: dict) -> str:
+    """What the report must say about how answers were generated: samples per prompt, prompts cut to fit."""
+    text = []
+    if evaluation["samples"] > 1:
+        text.append(f"Each prompt was answered {evaluation['samples']} times (sampled, seeds evaluation.seed + k); "
+                    "a prompt's outcome is the mean over its answers, so the bootstrap resamples prompts. McNemar's "
+                    "test needs one 0/1 outcome per prompt and was not run.")
+    if "prompt_truncated" not in rates:
+        return " ".join(text)
+    cut = rates.groupby("benchmark", sort=True).agg(cut=("prompt_truncated", "max"), prompts=("prompts", "max"))
+    cut = cut[cut.cut > 0]
+    if cut.empty:
+        text.append("No prompt was longer than the model's context.")
+    else:
+        parts = ", ".join(f"{b}: {int(r.cut)} of {int(r.prompts)}" for b, r in cut.iterrows())
+        text.append(f"Prompts longer than the model's context (minus evaluation.max_new_tokens) were cut from the "
+                    f"left of their content to fit ({parts}); their answers are scored like the others and "
+                    "flagged prompt_truncated in the generation files (docs/generation.md).")
+    return " ".join(text)
+
+
 def build(a) -> Document:
     config = fill_defaults(json.loads(a.config_json), "")  # the resolved config, as the workflow ran it
     tables = Path(a.tables)
@@ -254,6 +275,9 @@ def build(a) -> Document:
     doc.text(f"Primary judge {judges[0]} (type {primary_type}). {rates_sentence(rates)}")
     doc.table(main_table_wide(rates), "Columns are 'benchmark: what the rate measures'; mean ± std over seeds "
               f"[{rep['ci_level']:.0%} bootstrap CI over prompts and seeds].")
+    note = generation_note(rates, config["evaluation"])
+    if note:
+        doc.text(note)
 
     doc.heading(f"Comparisons with {reference}")
     doc.text(f"Each method against {reference} at the same noise rate, paired on the same prompts and seeds. "

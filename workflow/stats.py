@@ -10,7 +10,8 @@ answers: the harmful rate is the official attack-success rate, unsafe / all answ
 counting as not unsafe (ShaPO md_asr.py:138, nvidia_asr.py:236; HarmBench's mean of label == 1).
 ``harmful_rate_parseable`` (unsafe / parseable answers) is kept beside it. ``metric_label`` names what a
 rate measures: with the refusal-marker judge the harmful rate is a no-refusal rate (refusal, not harm).
-Writes, under ``--tables``:
+Several sampled answers of one prompt (``evaluation.samples``) count as repeated
+draws of that prompt: its outcome is their mean (``per_prompt``). Writes, under ``--tables``:
 
 - ``harmful_rate.csv``/``.md``: the main table (primary judge): per method x noise x benchmark the mean and
   std over seeds, a 95 % CI by bootstrap over prompts and seeds, the harmful rate (and unsafe / parseable
@@ -18,7 +19,8 @@ Writes, under ``--tables``:
 - ``rates_by_judge.csv``: the same for every judge;
 - ``comparisons.csv``/``.md``: each method against the reference method at the same noise rate, paired on
   the same prompts and seeds: the rate difference with a paired-bootstrap CI and p-value pooled over seeds,
-  Holm-adjusted over all comparisons of a judge, McNemar per seed; ``mcnemar_by_seed.csv`` the per-seed tests;
+  Holm-adjusted over all comparisons of a judge, McNemar per seed (only with one answer per prompt);
+  ``mcnemar_by_seed.csv`` the per-seed tests;
 - ``categories.csv``: per-category rates (primary judge), mean over seeds.
 """
 from __future__ import annotations
@@ -80,6 +82,9 @@ def load_judgements(paths: list[str]) -> pd.DataFrame:
             raise ValueError(f"{path}: kind {kind!r}, expected one of {sorted(METRIC_OF_KIND)}")
         frame = pd.DataFrame({
             "id": [r["id"] for r in rows],
+            # sampled answers of one prompt share its id (evaluation.samples); files without samples: 0
+            "sample": [r.get("sample", 0) for r in rows],
+            "prompt_truncated": [bool(r.get("prompt_truncated", False)) for r in rows],
             "category": [r.get("category") or "all" for r in rows],
             "unsafe": [float(r["label"] == "unsafe") for r in rows],
             "unsafe_parseable": [np.nan if r["label"] == "unparseable" else float(r["label"] == "unsafe")
@@ -98,6 +103,25 @@ def load_judgements(paths: list[str]) -> pd.DataFrame:
     data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
     data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
     return data
+
+
+def per_prompt(data: pd.DataFrame) -> pd.DataFrame:
+    """One row per prompt of a cell and seed: the sampled answers of a prompt (evaluation.samples) are
+    repeated draws of ONE prompt, so its outcome is their mean (``unsafe_parseable``: the mean over its
+    parseable answers, NaN when none was), and every bootstrap resamples prompts, not answers. ``samples``
+    counts the answers averaged, ``prompt_truncated`` whether the prompt was cut to fit the context.
+    Idempotent; with one answer per prompt the outcomes are unchanged."""
+    if "samples" in data and "sample" not in data:
+        return data  # already one row per prompt
+    keys = ["judge", "judge_type", "method", "noise", "seed", "benchmark", "kind", "metric", "metric_label", "id",
+            "category"]
+    if "prompt_truncated" not in data:
+        data = data.assign(prompt_truncated=False)
+    return (data.groupby(keys, dropna=False, sort=False)
+            .agg(unsafe=("unsafe", "mean"), unsafe_parseable=("unsafe_parseable", "mean"),
+                 refused=("refused", "mean"), outcome=("outcome", "mean"), samples=("outcome", "size"),
+                 prompt_truncated=("prompt_truncated", "max"))
+            .reset_index())
 
 
 def outcome_matrix(cell: pd.DataFrame, column: str = "outcome", ids=None) -> np.ndarray:
@@ -211,6 +235,7 @@ def rate_table(data: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.D
     """Per judge x method x noise x benchmark: the benchmark's metric (mean, std over seeds, bootstrap CI), and
     the harmful rate over all and over parseable answers, the unparseable share and the refusal rate (means
     over seeds)."""
+    data = per_prompt(data)
     rows = []
     for keys, cell in data.groupby(CELL, dropna=False, sort=False):
         per_seed = cell.groupby("seed", dropna=False)
@@ -225,7 +250,9 @@ def rate_table(data: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.D
                          harmful_rate_parseable=float(per_seed["unsafe_parseable"].mean().mean()),
                          unparseable_rate=float(per_seed["unsafe_parseable"].apply(lambda x: x.isna().mean()).mean()),
                          refusal_rate=float(per_seed["refused"].mean().mean()),
-                         seeds=len(rate_by_seed), prompts=int(cell["id"].nunique())))
+                         seeds=len(rate_by_seed), prompts=int(cell["id"].nunique()),
+                         samples=int(cell["samples"].max()),
+                         prompt_truncated=int(cell.loc[cell["prompt_truncated"].astype(bool), "id"].nunique())))
     table = pd.DataFrame(rows)
     order = table["method"].ne("base")
     return (table.assign(_o=order).sort_values(["judge", "_o", "method", "noise", "benchmark"])
@@ -239,6 +266,7 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
     one judge (every method, noise rate and benchmark), separately for the bootstrap and McNemar families.
     """
     pooled, by_seed = [], []
+    data = per_prompt(data)
     trained = data[data["method"].ne("base")]
     for (judge, noise, bench), group in trained.groupby(["judge", "noise", "benchmark"], sort=True):
         ref = group[group["method"] == reference]
@@ -257,7 +285,9 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
             keys = (judge, method, noise, bench)
             boot = paired_bootstrap(a, b, n_boot, level, _cell_seed(keys, n_boot, seed))
             tests = []
-            for i, s in enumerate(seeds):
+            # McNemar needs one 0/1 outcome per prompt: with several sampled answers per prompt it is not run
+            binary = max(ref["samples"].max(), cell["samples"].max()) == 1
+            for i, s in enumerate(seeds if binary else []):
                 t = mcnemar_test(a[i], b[i])
                 tests.append(t)
                 by_seed.append(dict(judge=judge, method=method, reference=reference, noise=noise, benchmark=bench,
@@ -269,7 +299,7 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
                                diff=boot["diff"], ci_low=boot["ci_low"], ci_high=boot["ci_high"],
                                p_bootstrap=boot["p"], seeds=len(seeds), prompts=len(ids),
                                mcnemar_p_min=min(t["p"] for t in tests) if tests else math.nan,
-                               discordant=sum(t["b"] + t["c"] for t in tests)))
+                               discordant=sum(t["b"] + t["c"] for t in tests) if tests else math.nan))
     cols = ["judge", "method", "reference", "noise", "benchmark", "kind", "metric", "metric_label", "rate_reference",
             "rate_method",
             "diff", "ci_low", "ci_high", "p_bootstrap", "p_holm", "mcnemar_p_min", "mcnemar_p_holm", "significant",
@@ -296,6 +326,7 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
 
 def category_table(data: pd.DataFrame) -> pd.DataFrame:
     """Per method x noise x benchmark x category: the metric, mean over seeds, and the number of prompts."""
+    data = per_prompt(data)
     per_seed = (data.groupby([*CELL, "category", "seed"], dropna=False)
                 .agg(rate=("outcome", "mean"), prompts=("id", "nunique")).reset_index())
     return (per_seed.groupby([*CELL, "category"], dropna=False)
