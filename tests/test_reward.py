@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from workflow import plot_soft_labels, reward_model
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl, write_jsonl
 from workflow.losses import PairLogps, dpo_loss, pair_losses, reduce_losses, soft_label_loss, soft_labels
 from workflow.pairs import text_key
@@ -42,7 +43,7 @@ def pair(h, labels):
 
 
 def test_reward_level_preset_uses_soft_labels_and_composes_with_dr_beta():
-    method = {"loss": "dpo", "beta": 1.0, "reward_labels": {"beta_r": 1.0}}
+    method = fill_defaults({"loss": "dpo", "beta": 1.0, "reward_labels": {"beta_r": 1.0}}, "presets/*")
     losses = pair_losses(method, pair([1.0, -1.0], [0.75, 0.25]))
     # symmetric: the second pair is the first seen from the other side
     assert torch.allclose(losses, torch.tensor([0.5632617, 0.5632617]), atol=1e-6)
