@@ -229,8 +229,9 @@ def check_simpo_margin(name: str, preset: dict) -> None:
 
 
 def check_reward_model(config: dict) -> None:
-    if config["reward_model"]["kind"] == "hub" and not config["reward_model"]["name_or_path"]:
-        raise ConfigError("config key reward_model.name_or_path: required with reward_model.kind hub"
+    kind = config["reward_model"]["kind"]
+    if kind in ("hub", "safe_rlhf") and not config["reward_model"]["name_or_path"]:
+        raise ConfigError(f"config key reward_model.name_or_path: required with reward_model.kind {kind}"
                           " (a hub id or a local folder)")
 
 

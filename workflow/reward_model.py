@@ -6,7 +6,7 @@
         --training-json '{"max_length": 128, "max_prompt_length": 64}' --prompt-format auto \
         --rewards results/reward/pair_rewards.jsonl --metrics results/reward/metrics.json
 
-Two kinds (``kind``):
+Three kinds (``kind``):
 
 ``bt_head`` (offline default) a Bradley-Terry linear head r(x, y) = w·f(x, y) on frozen features
     of ``--model``: the last-layer hidden states (``layer``) mean-pooled over the answer tokens of
@@ -20,6 +20,8 @@ Two kinds (``kind``):
 ``hub`` a sequence-classification reward or cost model (``name_or_path``: hub id or local folder)
     with one output; ``sign`` = +1 for a reward model, −1 for a cost model (e.g.
     PKU-Alignment/beaver-7b-v1.0-cost scores safer answers lower).
+``safe_rlhf`` a safe-rlhf score model (``name_or_path``), scored as ``hub`` from its converted folder
+    (``--classifier``, made by ``workflow.convert_score_model``: the convert_score_model rule).
 
 Writes one row per training pair (``pair_id``, ``r_chosen``, ``r_rejected`` in the clean
 orientation, and the answers' text keys) and the pair accuracy on the training pairs (out of fold
@@ -130,14 +132,16 @@ def conversation_text(tokenizer, record: dict, answer: str, prompt_format: str) 
 
 @torch.no_grad()
 def classifier_scores(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
-    """[N] the single output of a sequence-classification model for each text."""
+    """[N] the single output of a sequence-classification model for each text, plus the constant ``score_offset``
+    of a converted safe-rlhf score model (its folded head bias and normalisation: workflow.convert_score_model)."""
     device = next(model.parameters()).device
+    offset = float(getattr(model.config, "score_offset", 0.0))  # a checkpoint attribute, not a workflow config key
     out = []
     starts = range(0, len(texts), batch_size)
     for start in progress(starts, total=len(starts), desc="reward scores", unit="batch"):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length).to(device)
-        out.append(model(**enc).logits[:, 0].float().cpu().numpy())
+        out.append(model(**enc).logits[:, 0].float().cpu().numpy() + offset)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -169,7 +173,7 @@ class RewardScorer:
     ``spec``: the reward_model section, ``settings``: the training section plus prompt_format, both with
     defaults filled (``workflow.config.fill_defaults``)."""
 
-    def __init__(self, spec: dict, settings: dict, model_dir: str | None):
+    def __init__(self, spec: dict, settings: dict, model_dir: str | None, classifier_dir: str | None = None):
         self.spec, self.settings = spec, settings
         self.kind = spec["kind"]
         if self.kind == "bt_head":
@@ -177,6 +181,11 @@ class RewardScorer:
                 raise ValueError("reward_model.kind bt_head needs the base model (--model)")
             device, dtype = placement(settings["precision"])
             self.model, self.tokenizer = load_model(model_dir, dtype, device).eval(), load_tokenizer(model_dir)
+        elif self.kind == "safe_rlhf":
+            if not classifier_dir:
+                raise ValueError("reward_model.kind safe_rlhf needs the converted score model (--classifier,"
+                                 " from python -m workflow.convert_score_model)")
+            self.model, self.tokenizer = load_classifier(classifier_dir, spec["dtype"])
         else:
             if not spec["name_or_path"]:
                 raise ValueError("config key reward_model.name_or_path: required with reward_model.kind hub")
@@ -222,6 +231,7 @@ def check_clean(records: list[dict], path: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base model folder (kind bt_head: the frozen feature extractor)")
+    p.add_argument("--classifier", help="kind safe_rlhf: the converted score model (workflow.convert_score_model)")
     p.add_argument("--train", required=True, help="clean training pairs (scored; bt_head is cross-fitted on them)")
     p.add_argument("--heldout", required=True, help="held-out pairs (pair accuracy)")
     p.add_argument("--reward-json", required=True, help="the config's reward_model section as JSON")
@@ -239,7 +249,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     train, heldout = read_jsonl(a.train), read_jsonl(a.heldout)
     check_clean(train, a.train)
-    scorer = RewardScorer(spec, settings, a.model)
+    scorer = RewardScorer(spec, settings, a.model, a.classifier)
     (r_chosen, r_rejected), (h_chosen, h_rejected), extra = scorer.rewards(train, heldout)
     diff = r_chosen - r_rejected
     # bt_head: train_accuracy is out of fold (each pair scored by a head that never saw it)
@@ -247,7 +257,7 @@ def main(argv=None):
                "heldout_accuracy": pair_accuracy(h_chosen, h_rejected), "n_train": len(train),
                "n_heldout": len(heldout), "reward_diff_mean": float(diff.mean()), "reward_diff_std": float(diff.std()),
                **extra}
-    if scorer.kind == "hub":
+    if scorer.kind in ("hub", "safe_rlhf"):
         metrics.update(name_or_path=spec["name_or_path"], sign=spec["sign"])
     write_jsonl(a.rewards, ({"pair_id": r["pair_id"], "r_chosen": float(c), "r_rejected": float(j),
                              "chosen_key": text_key(r["chosen"]), "rejected_key": text_key(r["rejected"])}
