@@ -1,9 +1,16 @@
-"""Preference losses as small pure tensor functions.
+"""Preference losses as small pure tensor functions, and the registry that maps a preset's ``loss`` to one.
 
 Per-pair losses take tensors of shape [B] and return shape [B]; the reduction over the batch
 is separate (``reduce_losses``: the mean, or Dr.DPO's distributionally robust log-mean-exp).
 ``h`` is the DPO logit (policy minus reference log-ratio of chosen over rejected, eq. 7 of
-Rafailov et al. 2023).
+Rafailov et al. 2023), on log-probabilities summed over the answer tokens.
+
+``LOSSES`` maps each name of the schema's ``presets.*.loss`` enum to ``Loss(fn, params)``:
+``fn(logps, preset)`` gives the per-pair losses, ``params`` names the preset keys it reads
+besides ``beta``. A new loss is one ``@register("name", "param", ...)`` function here plus its
+name in the schema's enum (and a schema property per new parameter); docs/training.md lists the
+equations and the mapping of every loss to TRL 1.16 and to the official ShaPO code, which
+tests/test_losses_trl.py checks against TRL's own loss code.
 """
 from __future__ import annotations
 
@@ -56,7 +63,8 @@ def rdpo_loss(h: torch.Tensor, beta: float, epsilon: float) -> torch.Tensor:
 
 
 def ipo_loss(h: torch.Tensor, tau: float) -> torch.Tensor:
-    """IPO (Azar et al. 2024, eq. 17): (h − 1/(2τ))²."""
+    """IPO (Azar et al. 2024, eq. 17): (h − 1/(2τ))². On summed log-probs as the paper and the official
+    ShaPO code; TRL's ipo feeds per-token averaged log-ratios (preset key ``length_normalize``)."""
     return (h - 1.0 / (2.0 * tau)) ** 2
 
 
