@@ -5,7 +5,7 @@ import pytest
 
 STAGES = ["prepare_model", "prepare_preferences", "inject_noise", "prepare_benchmark", "sample_benchmark", "probe_data", "train_probe",
           "select_subspace", "reference_logps", "train_policy", "generate", "judge", "report", "reward_model",
-          "plot_soft_labels", "sft", "judge_agreement", "stats", "figures"]
+          "plot_soft_labels", "sft", "judge_agreement", "stats", "figures", "convert_score_model"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
