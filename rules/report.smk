@@ -83,7 +83,7 @@ rule report:
         markdown="results/report.md",
         html="results/report.html",
     params:
-        config=as_json(config),
+        config=lambda wc: as_json(config),  # a function: braces in config values ({prompt} templates) are not wildcards
         figures=lambda wc, input: " ".join(f for f in input.figures if f.endswith(".png"))
         + (f" {input.reward_figure}" if "reward_figure" in input.keys() else ""),
         optional=report_optional_args,

@@ -4,10 +4,31 @@
 REWARD = config["reward_model"]
 
 
+rule convert_score_model:
+    # kind safe_rlhf: a safe-rlhf score model (score_head) -> a transformers sequence-classification folder
+    output:
+        model=directory("results/models/score_model"),
+    params:
+        source=REWARD["name_or_path"],
+    threads: config["resources"]["prepare_model"]["threads"]
+    resources:
+        **rule_resources(config, "prepare_model"),
+    log:
+        "results/logs/convert_score_model.log",
+    benchmark:
+        "results/benchmarks/convert_score_model.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.convert_score_model --input {params.source} --output {output.model} > {log} 2>&1"
+
+
 rule train_reward_model:
     input:
-        # bt_head reads frozen features of the base model; a hub model needs nothing from the DAG
+        # bt_head reads frozen features of the base model; a hub model needs nothing from the DAG; a safe-rlhf
+        # score model is converted first
         model=rules.prepare_model.output.model if REWARD["kind"] == "bt_head" else [],
+        classifier=rules.convert_score_model.output.model if REWARD["kind"] == "safe_rlhf" else [],
         train=rules.prepare_preferences.output.train,
         heldout=rules.prepare_preferences.output.heldout,
     output:
@@ -15,7 +36,9 @@ rule train_reward_model:
         metrics="results/reward/metrics.json",
     params:
         model=lambda wc, input: f"--model {input.model}" if input.model else "",
-        spec=as_json({k: v for k, v in REWARD.items() if k != "beta_r_plot"}),
+        classifier=lambda wc, input: f"--classifier {input.classifier}" if input.classifier else "",
+        # a function, so that a prompt_format template's {prompt} and {answer} are not read as wildcards
+        spec=lambda wc: as_json({k: v for k, v in REWARD.items() if k != "beta_r_plot"}),
         settings=as_json({k: config["training"][k] for k in ("max_length", "max_prompt_length", "precision")}),
         prompt_format=config["model"]["prompt_format"],
     threads: config["resources"]["train_reward_model"]["threads"]
@@ -28,7 +51,7 @@ rule train_reward_model:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.reward_model {params.model} --train {input.train} --heldout {input.heldout}"
+        "python -m workflow.reward_model {params.model} {params.classifier} --train {input.train} --heldout {input.heldout}"
         " --reward-json {params.spec} --training-json {params.settings} --prompt-format {params.prompt_format}"
         " --threads {threads}"
         " --rewards {output.rewards} --metrics {output.metrics} > {log} 2>&1"

@@ -15,7 +15,7 @@ STAGES = sorted(m.name for m in pkgutil.iter_modules(workflow.__path__)
 
 
 def test_the_stages_are_found():
-    assert {"prepare_model", "train_policy", "generate", "judge", "stats", "report", "sft"} <= set(STAGES)
+    assert {"prepare_model", "train_policy", "generate", "judge", "stats", "report", "sft", "convert_score_model"} <= set(STAGES)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -77,13 +77,74 @@ def test_dr_dpo_reduction_against_hand_computed_value():
 
 
 def test_pair_losses_dispatch_by_preset():
+    from workflow.config import fill_defaults
     from workflow.losses import PairLogps, pair_losses
+
+    def preset(**kw):
+        return fill_defaults(kw, "presets/*")
 
     logps = PairLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]),
                       torch.tensor([4]), torch.tensor([2]))
-    assert torch.allclose(pair_losses({"loss": "dpo", "beta": 0.1}, logps), dpo_loss(torch.tensor([1.0]), 0.1))
-    cdpo = pair_losses({"loss": "cdpo", "beta": 0.1, "label_smoothing": 0.1}, logps)
+    assert torch.allclose(pair_losses(preset(loss="dpo", beta=0.1), logps), dpo_loss(torch.tensor([1.0]), 0.1))
+    cdpo = pair_losses(preset(loss="cdpo", beta=0.1, label_smoothing=0.1), logps)
     assert torch.allclose(cdpo, dpo_loss(torch.tensor([1.0]), 0.1, 0.1))
     # SimPO uses length-normalised log-probs: −1/4 vs −2/2
-    simpo = pair_losses({"loss": "simpo", "beta": 2.0, "simpo_margin": 0.0}, logps)
+    simpo = pair_losses(preset(loss="simpo", beta=2.0, simpo_margin=0.0), logps)
     assert math.isclose(simpo.item(), math.log(1 + math.exp(-2.0 * 0.75)), rel_tol=1e-6)
+    # length_normalize: h from per-token log-ratios (0.5/4 − (−0.5)/2 = 0.375) instead of the sums (1.0)
+    ipo = pair_losses(preset(loss="ipo", beta=0.5, length_normalize=True), logps)
+    assert math.isclose(ipo.item(), (0.375 - 1.0) ** 2, rel_tol=1e-6)
+    assert pair_losses(preset(loss="ipo", beta=0.5), logps).item() == 0.0  # summed h = 1 = 1/(2τ)
+
+
+def test_simpo_margin_absolute_or_as_a_ratio_of_beta():
+    """γ = simpo_margin, or γ = simpo_gamma_ratio·β (the official code's simpo_gamma_beta_ratio)."""
+    from workflow.losses import simpo_loss, simpo_margin
+
+    assert simpo_margin({"beta": 2.0, "simpo_margin": 0.5}) == 0.5
+    assert simpo_margin({"beta": 2.0, "simpo_gamma_ratio": 0.5}) == 1.0
+    assert simpo_margin({"beta": 0.1, "simpo_gamma_ratio": 0.5}) == 0.05
+    # the official loss −log σ(β·(Δavg − ratio)) is ours with γ = β·ratio
+    d, beta, ratio = torch.tensor([0.3]), 2.0, 0.5
+    official = -torch.nn.functional.logsigmoid(beta * (d - ratio))
+    assert torch.allclose(simpo_loss(d, torch.zeros(1), beta, simpo_margin({"beta": beta, "simpo_gamma_ratio": ratio})),
+                          official)
+    import pytest
+    with pytest.raises(ValueError, match="simpo_margin .* or simpo_gamma_ratio"):
+        simpo_margin({"beta": 2.0})
+
+
+def test_loss_registry_names_the_losses_and_their_preset_keys():
+    """Adding a loss = one registered function (+ its name in the schema's enum, tests/test_config.py); every key a
+    loss reads is a preset property of the schema."""
+    from workflow.config import schema
+    from workflow.losses import LOSSES, register
+
+    props = schema()["properties"]["presets"]["additionalProperties"]["properties"]
+    for name, loss in LOSSES.items():
+        assert set(loss.params) <= set(props), (name, loss.params)
+    assert LOSSES["simpo"].params == ("simpo_margin", "simpo_gamma_ratio")
+    import pytest
+    with pytest.raises(ValueError, match="registered twice"):
+        register("dpo")(lambda logps, preset: None)
+
+
+def test_config_takes_simpo_margin_one_way_and_only_for_simpo():
+    """workflow/config.py: exactly one of simpo_margin / simpo_gamma_ratio on a simpo preset, neither elsewhere."""
+    import pytest
+
+    from workflow.config import ConfigError, check_presets, fill_defaults
+
+    def check(**preset):
+        check_presets({"presets": {"p": fill_defaults(preset, "presets/*")}})
+
+    check(loss="simpo", beta=2.0, simpo_margin=0.5)
+    check(loss="simpo", beta=2.0, simpo_gamma_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"presets\.p\.simpo_margin: .*exactly one.*\['simpo_margin', 'simpo_gamma_ratio'\]"):
+        check(loss="simpo", beta=2.0, simpo_margin=0.5, simpo_gamma_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"presets\.p\.simpo_margin: .*sets neither"):
+        check(loss="simpo", beta=2.0)
+    with pytest.raises(ConfigError, match=r"presets\.p\.simpo_gamma_ratio: only loss simpo reads it"):
+        check(loss="dpo", beta=0.1, simpo_gamma_ratio=0.5)
+    with pytest.raises(ConfigError, match=r"presets\.p\.length_normalize: SimPO is always length-normalised"):
+        check(loss="simpo", beta=2.0, simpo_margin=0.5, length_normalize=True)

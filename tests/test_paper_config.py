@@ -46,11 +46,13 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     counts = job_counts(out)
-    # 2 methods x 5 noise rates x 1 seed; 3 benchmarks x (base + 10 policies); the SFT stage once
-    assert counts["train_policy"] == 10 and counts["inject_noise"] == 5
+    # 4 methods x 5 noise rates x 1 seed; 3 benchmarks x (base + 20 policies); the SFT stage once
+    assert counts["train_policy"] == 20 and counts["inject_noise"] == 5
     assert counts["sft"] == 1 and counts["prepare_benchmark"] == 3
     # three judges (MD-Judge, Nemotron, refusal markers) label every answer; their agreement table once
-    assert counts["generate"] == 33 and counts["judge"] == 99 and counts["judge_agreement"] == 1
+    assert counts["generate"] == 63 and counts["judge"] == 189 and counts["judge_agreement"] == 1
+    # reward-level ShaPO: the beaver cost model, converted from safe-rlhf's layout, scores the pairs once
+    assert counts["convert_score_model"] == 1 and counts["train_reward_model"] == 1
 
     paper = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
     (model_cmd,) = shell_commands(out, "prepare_model")
@@ -79,6 +81,19 @@ def test_paper_config_dry_runs_offline(tmp_path):
     for cmd in shell_commands(out, "train_policy") + shell_commands(out, "reference_logps"):
         assert "--model results/models/sft " in cmd
     assert all('"optimizer": "rmsprop"' in c and '"lr": 5e-07' in c for c in shell_commands(out, "train_policy"))
+    # the official SFT (README.md:85) and the paper's ShaPO = Dr.DPO + sharpness (README.md:93)
+    (sft_cmd,) = shell_commands(out, "sft")
+    for setting in ('"lr": 5e-07', '"warmup_steps": 150', '"batch_size": 64', '"loss": "sequence_sum"',
+                    '"examples": "unique_prompts"', '"optimizer": "rmsprop"'):
+        assert setting in sft_cmd, setting
+    assert "--prompt-format hh" in sft_cmd and "meta-llama/Llama-3.2-3B" in model_cmd
+    shapo_cmds = [c for c in shell_commands(out, "train_policy") if "--output results/policies/shapo/" in c]
+    assert len(shapo_cmds) == 5 and all('"dr_beta": 1.0' in c and '"interval": 5' in c for c in shapo_cmds)
+    (convert_cmd,) = shell_commands(out, "convert_score_model")
+    assert "--input PKU-Alignment/beaver-7b-v1.0-cost" in convert_cmd
+    (reward_cmd,) = shell_commands(out, "train_reward_model")
+    assert '"kind": "safe_rlhf"' in reward_cmd and '"sign": -1' in reward_cmd and "--classifier" in reward_cmd
+    assert paper["report"] == {"reference_method": "drdpo", "claim_method": "shapo"}
     # GPU stages ask for a GPU, the rest do not; a policy trains data-parallel on training.devices GPUs
     assert re.search(r"rule train_policy:(?:(?!\nrule ).)*resources:[^\n]*gpu=4", out, re.S)
     assert all(c.startswith("python -m torch.distributed.run --standalone --nproc_per_node 4 -m workflow.train_policy")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from workflow import plot_soft_labels, reward_model
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl, write_jsonl
 from workflow.losses import PairLogps, dpo_loss, pair_losses, reduce_losses, soft_label_loss, soft_labels
 from workflow.pairs import text_key
@@ -42,7 +43,7 @@ def pair(h, labels):
 
 
 def test_reward_level_preset_uses_soft_labels_and_composes_with_dr_beta():
-    method = {"loss": "dpo", "beta": 1.0, "reward_labels": {"beta_r": 1.0}}
+    method = fill_defaults({"loss": "dpo", "beta": 1.0, "reward_labels": {"beta_r": 1.0}}, "presets/*")
     losses = pair_losses(method, pair([1.0, -1.0], [0.75, 0.25]))
     # symmetric: the second pair is the first seen from the other side
     assert torch.allclose(losses, torch.tensor([0.5632617, 0.5632617]), atol=1e-6)
@@ -84,6 +85,54 @@ def test_bradley_terry_head_learns_a_separable_problem():
     test_chosen, test_rejected = pairs(200)
     assert reward_model.pair_accuracy(test_chosen @ w, test_rejected @ w) >= 0.9
     assert np.dot(w, w_true) / np.linalg.norm(w) / np.linalg.norm(w_true) > 0.9
+
+
+def random_pairs(n, dim, seed):
+    """Features with no signal, and labels that are coin flips: a head can only learn them by memorising."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+
+
+def test_a_head_fitted_on_its_own_pairs_reproduces_random_labels_and_a_cross_fitted_one_cannot():
+    """The leak of issue 11: a head fitted on the clean labels of the pairs it then scores reproduces those labels
+    even when they are random; the cross-fitted out-of-fold rewards are at chance on the same pairs."""
+    chosen, rejected = random_pairs(200, 400, seed=0)  # more dimensions than pairs: memorisable
+    leaking = reward_model.fit_bradley_terry(chosen, rejected, l2=1.0)
+    assert reward_model.pair_accuracy(chosen @ leaking, rejected @ leaking) == 1.0
+    folds = reward_model.fold_ids(200, 5, seed=0)
+    heads = reward_model.cross_fit(chosen, rejected, folds, l2=1.0)
+    oof = reward_model.pair_accuracy(reward_model.out_of_fold(chosen, folds, heads),
+                                     reward_model.out_of_fold(rejected, folds, heads))
+    assert 0.35 < oof < 0.65  # chance (200 coin flips: 0.5 ± 0.035)
+    assert reward_model.in_sample_accuracy(chosen, rejected, folds, heads) == 1.0  # each head memorised its own folds
+
+
+def test_no_pairs_own_label_reaches_its_reward_difference():
+    """Swap chosen and rejected of one pair (its label): its own out-of-fold reward difference only changes sign,
+    because the head that scores it was fitted without it; a head fitted on all pairs would move."""
+    chosen, rejected = random_pairs(40, 60, seed=1)
+    folds = reward_model.fold_ids(40, 4, seed=0)
+    assert sorted(np.bincount(folds)) == [10, 10, 10, 10]
+
+    def diffs(c, r):
+        heads = reward_model.cross_fit(c, r, folds, l2=1.0)
+        return reward_model.out_of_fold(c, folds, heads) - reward_model.out_of_fold(r, folds, heads)
+
+    before = diffs(chosen, rejected)
+    for i in (0, 17, 39):
+        c, r = chosen.copy(), rejected.copy()
+        c[i], r[i] = rejected[i], chosen[i]
+        after = diffs(c, r)
+        assert after[i] == pytest.approx(-before[i], abs=1e-12)  # same head, pair seen from the other side
+        same_fold = (folds == folds[i]) & (np.arange(40) != i)
+        assert np.allclose(after[same_fold], before[same_fold], atol=1e-12)  # its fold's head did not change
+        assert not np.allclose(after[folds != folds[i]], before[folds != folds[i]])  # the other heads saw the swap
+
+
+def test_folds_are_checked():
+    with pytest.raises(ValueError, match="reward_model.folds: 5 folds need at least 5 training pairs, have 3"):
+        reward_model.fold_ids(3, 5, seed=0)
+    assert reward_model.fold_ids(10, 3, seed=0).tolist() == reward_model.fold_ids(10, 3, seed=0).tolist()
 
 
 def test_pair_accuracy_hand_computed():
@@ -160,7 +209,9 @@ def check_reward_outputs(workdir, n_train=12, n_heldout=4, n_flipped=3):
     """The reward stage's outputs of a tiny run (used by the all-presets DAG test in test_training.py)."""
     metrics = json.loads((workdir / "results/reward/metrics.json").read_text())
     assert metrics["kind"] == "bt_head" and metrics["n_train"] == n_train and metrics["n_heldout"] == n_heldout
-    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["train_accuracy"] >= 0.5
+    # train_accuracy is out of fold (cross-fitted), so it may fall below the heads' in-sample accuracy
+    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and 0.0 <= metrics["train_accuracy"] <= 1.0
+    assert metrics["folds"] == 5 and 0.0 <= metrics["train_accuracy_in_sample"] <= 1.0
     rewards = read_jsonl(workdir / "results/reward/pair_rewards.jsonl")
     train = read_jsonl(workdir / "results/data/preferences/train.jsonl")
     assert [r["pair_id"] for r in rewards] == [r["pair_id"] for r in train]

@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import jobs_run, run_snakemake, write_config, tiny_config
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl
-from workflow.sft import collate_sft
+from workflow.models import load_model, load_tokenizer
+from workflow.parallel import DataParallel
+from workflow.sft import answer_nll, collate_sft, encode_chosen, sft_examples, train_sft
+
+TRAINING = fill_defaults({"max_length": 64, "max_prompt_length": 32, "max_grad_norm": 1e9}, "training")
+
+
+def records(n=6):
+    """Pairs with answers of different lengths (so the two losses weigh them differently); prompts repeat."""
+    return [{"pair_id": f"p{i}", "messages": [{"role": "user", "content": f"How do I do thing {i % 4}?"}],
+             "chosen": "No. " * (1 + 3 * i), "rejected": "Sure."} for i in range(n)]
+
+
+def settings(precision="fp32"):
+    return TRAINING | {"precision": precision, "prompt_format": "hh"}
 
 
 def test_collate_sft_scores_only_answer_tokens():
@@ -36,3 +52,86 @@ def test_sft_enabled_trains_policies_from_the_sft_model(tmp_path, tiny_model_dir
     assert read_jsonl(tmp_path / "results/data/preferences/reference_logps.jsonl")
     assert "--model results/models/sft " in (proc.stdout + proc.stderr).split("rule reference_logps:", 1)[1]
 
+
+def bf16_spacing(w: torch.Tensor) -> torch.Tensor:
+    """The distance between w's bf16 neighbours (8 significant bits): 2^(exponent − 7)."""
+    return torch.ldexp(torch.ones_like(w), torch.frexp(w.float())[1] - 8)
+
+
+def test_sft_keeps_fp32_weights_so_an_update_below_a_bf16_ulp_is_not_lost(tiny_model_dir):
+    """precision bf16 (on CPU here; autocast works there too): the forward runs in bf16, the weights stay fp32 and
+    take RMSprop's first step of 10·lr = 1e-6, which is below half the bf16 spacing of nearly every weight, so pure
+    bf16 weights (what SFT did before) would have kept their values."""
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dtypes = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    sft = fill_defaults({"lr": 1e-7, "batch_size": 6, "optimizer": "rmsprop", "warmup_ratio": 0.0,
+                         "schedule": "constant_with_warmup"}, "sft")
+    train_sft(model, tok, records(), sft, settings("bf16"), DataParallel("bf16"))
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # bf16 compute
+    moved = 0
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        w, delta = before[name], p.detach() - before[name]
+        changed = delta != 0
+        moved += int(changed.sum())
+        # each update is below half a bf16 spacing of its weight (away from 0, where bf16 spacing is tiny)
+        big = changed & (w.abs() > 1e-2)
+        assert (delta[big].abs() < bf16_spacing(w[big]) / 2).all(), name
+        # so bf16 weights would not have moved: w_bf16 + Δ rounds back to w_bf16
+        wb = w[big].bfloat16()
+        assert torch.equal((wb.float() + delta[big]).bfloat16(), wb), name
+    assert moved > 0.5 * sum(p.numel() for p in model.parameters())  # most weights took the step
+
+
+def test_sequence_sum_loss_is_the_mean_of_summed_answer_nlls_and_accumulation_keeps_the_batch_gradient(tiny_model_dir):
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    recs = records()
+    enc = [encode_chosen(tok, r, 64, 32, "hh") for r in recs]
+    nll, tokens = answer_nll(model, collate_sft(enc, tok.pad_token_id), DataParallel("fp32"))
+    assert tokens.tolist() == [len(e["answer"]) for e in enc]
+    # by hand: log-softmax of each answer token given its prefix, one sequence at a time
+    by_hand = []
+    for e in enc:
+        ids = torch.tensor([e["prompt"] + e["answer"]])
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        targets = ids[0, 1:]
+        by_hand.append(-logp[len(e["prompt"]) - 1:].gather(1, targets[len(e["prompt"]) - 1:, None]).sum())
+    assert torch.allclose(nll, torch.stack(by_hand), atol=1e-4)
+    expected = {"sequence_sum": (nll.sum() / len(enc)).item(), "token_mean": (nll.sum() / tokens.sum()).item()}
+    assert expected["sequence_sum"] > 3 * expected["token_mean"]  # the two differ in scale, not only in weighting
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for loss in ("sequence_sum", "token_mean"):
+        logs = []
+        for accumulation in (1, 4):  # 6 sequences in passes of 2, 2, 1, 1
+            model.load_state_dict(state)
+            sft = fill_defaults({"lr": 1e-6, "batch_size": 6, "loss": loss, "gradient_accumulation_steps": accumulation,
+                                 "seed": 0}, "sft")
+            logs.append(train_sft(model, tok, recs, sft, settings(), DataParallel("fp32"))[0])
+        assert logs[0]["loss"] == pytest.approx(expected[loss], rel=1e-5)
+        assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-5)
+        assert logs[1]["grad_norm"] == pytest.approx(logs[0]["grad_norm"], rel=1e-4)  # the same batch gradient
+
+
+def test_unique_prompts_keep_the_last_pair_of_each_prompt_at_its_first_place():
+    recs = records(6)  # prompts 0 1 2 3 0 1
+    picked = sft_examples(recs, "unique_prompts")
+    assert [r["pair_id"] for r in picked] == ["p4", "p5", "p2", "p3"]
+    assert sft_examples(recs, "pairs") is recs
+
+
+def test_warmup_steps_replace_the_warmup_ratio():
+    from workflow.optim import make_optimizer
+
+    sft = fill_defaults({"lr": 1.0, "warmup_steps": 3, "warmup_ratio": 0.5, "schedule": "constant_with_warmup"}, "sft")
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], sft, 100, sft["warmup_steps"])
+    lrs = []
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])

@@ -225,11 +225,33 @@ def check_presets(config: dict) -> None:
         if "reward_labels" in preset and preset["loss"] != "dpo":
             raise ConfigError(f"config key presets.{name}.loss: a reward-level preset (reward_labels) needs loss dpo,"
                               f" not {preset['loss']!r} (the soft label replaces the DPO label)")
+        check_simpo_margin(name, preset)
+
+
+SIMPO_MARGINS = ("simpo_margin", "simpo_gamma_ratio")
+
+
+def check_simpo_margin(name: str, preset: dict) -> None:
+    """SimPO's γ is given one way: absolute (simpo_margin) or as a ratio of β (simpo_gamma_ratio, the official
+    code's parameterisation); other losses take neither, and SimPO is length-normalised by definition."""
+    given = [k for k in SIMPO_MARGINS if k in preset]
+    if preset["loss"] != "simpo":
+        if given:
+            raise ConfigError(f"config key presets.{name}.{given[0]}: only loss simpo reads it (this preset's loss is"
+                              f" {preset['loss']!r}); remove it (set it to null in a --configfile)")
+        return
+    if len(given) != 1:
+        raise ConfigError(f"config key presets.{name}.simpo_margin: a simpo preset sets exactly one of simpo_margin"
+                          f" (absolute γ) and simpo_gamma_ratio (γ = ratio·β); it sets {given or 'neither'}"
+                          " (a --configfile that sets one must null the other: simpo_margin: null)")
+    if preset["length_normalize"]:
+        raise ConfigError(f"config key presets.{name}.length_normalize: SimPO is always length-normalised; remove it")
 
 
 def check_reward_model(config: dict) -> None:
-    if config["reward_model"]["kind"] == "hub" and not config["reward_model"]["name_or_path"]:
-        raise ConfigError("config key reward_model.name_or_path: required with reward_model.kind hub"
+    kind = config["reward_model"]["kind"]
+    if kind in ("hub", "safe_rlhf") and not config["reward_model"]["name_or_path"]:
+        raise ConfigError(f"config key reward_model.name_or_path: required with reward_model.kind {kind}"
                           " (a hub id or a local folder)")
 
 

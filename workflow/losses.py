@@ -1,13 +1,21 @@
-"""Preference losses as small pure tensor functions.
+"""Preference losses as small pure tensor functions, and the registry that maps a preset's ``loss`` to one.
 
 Per-pair losses take tensors of shape [B] and return shape [B]; the reduction over the batch
 is separate (``reduce_losses``: the mean, or Dr.DPO's distributionally robust log-mean-exp).
 ``h`` is the DPO logit (policy minus reference log-ratio of chosen over rejected, eq. 7 of
-Rafailov et al. 2023).
+Rafailov et al. 2023), on log-probabilities summed over the answer tokens.
+
+``LOSSES`` maps each name of the schema's ``presets.*.loss`` enum to ``Loss(fn, params)``:
+``fn(logps, preset)`` gives the per-pair losses, ``params`` names the preset keys it reads
+besides ``beta``. A new loss is one ``@register("name", "param", ...)`` function here plus its
+name in the schema's enum (and a schema property per new parameter); docs/training.md lists the
+equations and the mapping of every loss to TRL 1.16 and to the official ShaPO code, which
+tests/test_losses_trl.py checks against TRL's own loss code.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +38,12 @@ class PairLogps:
     def h(self) -> torch.Tensor:
         return dpo_logits(self.policy_chosen, self.policy_rejected, self.reference_chosen, self.reference_rejected)
 
+    @property
+    def h_per_token(self) -> torch.Tensor:
+        """h from log-ratios averaged over each answer's tokens (a zero-token answer counts as one token)."""
+        return ((self.policy_chosen - self.reference_chosen) / self.chosen_tokens.clamp(min=1)
+                - (self.policy_rejected - self.reference_rejected) / self.rejected_tokens.clamp(min=1))
+
 
 def dpo_logits(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                reference_chosen: torch.Tensor, reference_rejected: torch.Tensor) -> torch.Tensor:
@@ -49,7 +63,8 @@ def rdpo_loss(h: torch.Tensor, beta: float, epsilon: float) -> torch.Tensor:
 
 
 def ipo_loss(h: torch.Tensor, tau: float) -> torch.Tensor:
-    """IPO (Azar et al. 2024, eq. 17): (h − 1/(2τ))²."""
+    """IPO (Azar et al. 2024, eq. 17): (h − 1/(2τ))². On summed log-probs as the paper and the official
+    ShaPO code; TRL's ipo feeds per-token averaged log-ratios (preset key ``length_normalize``)."""
     return (h - 1.0 / (2.0 * tau)) ** 2
 
 
@@ -69,35 +84,90 @@ def soft_labels(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, beta
     return torch.sigmoid(beta_r * (reward_chosen - reward_rejected))
 
 
-LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "simpo")
+# ---- the loss registry: a preset's ``loss`` name -> its per-pair loss on a batch ----
+
+@dataclass(frozen=True)
+class Loss:
+    """A per-pair loss as a preset names it: ``fn(logps, preset) -> [B]``, and the preset keys it reads besides
+    ``beta`` (``params``; each must be a preset property of the schema: tests/test_losses.py checks it)."""
+
+    fn: Callable[[PairLogps, dict], torch.Tensor]
+    params: tuple[str, ...]
+
+
+LOSSES: dict[str, Loss] = {}  # in the order of the schema's enum presets.*.loss (tests/test_config.py)
+
+
+def register(name: str, *params: str):
+    """Decorator: ``@register("name", "param", ...)`` adds a loss to ``LOSSES``. Adding a loss is this function
+    plus its name in the schema's enum (and any new parameter as a preset property there)."""
+    def add(fn):
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = Loss(fn, params)
+        return fn
+    return add
+
+
+def preset_h(logps: PairLogps, preset: dict) -> torch.Tensor:
+    """The DPO logit the preset's loss sees: ``h``, or with ``length_normalize`` the per-token averaged log-ratios
+    (log π/π_ref)(y_w)/|y_w| − (log π/π_ref)(y_l)/|y_l| (TRL's ``ipo`` and ``sigmoid_norm``)."""
+    return logps.h_per_token if preset["length_normalize"] else logps.h
+
+
+@register("dpo", "length_normalize")
+def _dpo(logps: PairLogps, preset: dict) -> torch.Tensor:
+    return dpo_loss(preset_h(logps, preset), preset["beta"])
+
+
+@register("cdpo", "label_smoothing", "length_normalize")
+def _cdpo(logps: PairLogps, preset: dict) -> torch.Tensor:
+    return dpo_loss(preset_h(logps, preset), preset["beta"], preset["label_smoothing"])
+
+
+@register("rdpo", "label_smoothing", "length_normalize")
+def _rdpo(logps: PairLogps, preset: dict) -> torch.Tensor:
+    return rdpo_loss(preset_h(logps, preset), preset["beta"], preset["label_smoothing"])
+
+
+@register("ipo", "length_normalize")
+def _ipo(logps: PairLogps, preset: dict) -> torch.Tensor:
+    return ipo_loss(preset_h(logps, preset), preset["beta"])
+
+
+def simpo_margin(preset: dict) -> float:
+    """SimPO's γ: ``simpo_margin`` (absolute, as in the SimPO paper and TRL's ``simpo_gamma``) or
+    ``simpo_gamma_ratio``·β (the official ShaPO code's ``simpo_gamma_beta_ratio``); exactly one is set
+    (workflow.config.check_presets)."""
+    if "simpo_gamma_ratio" in preset:
+        return preset["simpo_gamma_ratio"] * preset["beta"]
+    if "simpo_margin" in preset:
+        return preset["simpo_margin"]
+    raise ValueError("a simpo preset needs simpo_margin (absolute γ) or simpo_gamma_ratio (γ = ratio·β)")
+
+
+@register("simpo", "simpo_margin", "simpo_gamma_ratio")
+def _simpo(logps: PairLogps, preset: dict) -> torch.Tensor:
+    return simpo_loss(logps.policy_chosen / logps.chosen_tokens.clamp(min=1),
+                      logps.policy_rejected / logps.rejected_tokens.clamp(min=1), preset["beta"], simpo_margin(preset))
 
 
 def pair_losses(method: dict, logps: PairLogps) -> torch.Tensor:
-    """Per-pair loss [B] of a method preset (``loss``, ``beta`` and the loss's own parameter).
+    """Per-pair loss [B] of a method preset (validated, schema defaults filled: ``workflow.config.fill_defaults``).
 
     A preset with ``reward_labels`` is reward-level: the DPO loss's hard label 1 is replaced by
     the pair's soft label p from a reward model (``logps.soft_labels``).
     """
-    kind, beta = method["loss"], method["beta"]
+    kind = method["loss"]
     if "reward_labels" in method:
         if kind != "dpo":
             raise ValueError(f"reward_labels replace the DPO label; a reward-level preset needs loss dpo, not {kind!r}")
         if logps.soft_labels is None:
             raise ValueError("a reward-level preset (reward_labels) needs soft labels from the reward model")
-        return soft_label_loss(logps.h, beta, logps.soft_labels)
-    if kind == "dpo":
-        return dpo_loss(logps.h, beta)
-    if kind == "cdpo":
-        return dpo_loss(logps.h, beta, method["label_smoothing"])
-    if kind == "rdpo":
-        return rdpo_loss(logps.h, beta, method["label_smoothing"])
-    if kind == "ipo":
-        return ipo_loss(logps.h, beta)
-    if kind == "simpo":
-        avg_w = logps.policy_chosen / logps.chosen_tokens.clamp(min=1)
-        avg_l = logps.policy_rejected / logps.rejected_tokens.clamp(min=1)
-        return simpo_loss(avg_w, avg_l, beta, method.get("simpo_margin", 0.5))
-    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+        return soft_label_loss(preset_h(logps, method), method["beta"], logps.soft_labels)
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {list(LOSSES)}")
+    return LOSSES[kind].fn(logps, method)
 
 
 def reduce_losses(losses: torch.Tensor, dr_beta: float | None = None) -> torch.Tensor:

@@ -12,9 +12,10 @@ import torch
 OPTIMIZERS = ("adamw", "rmsprop")
 
 
-def make_optimizer(params, settings: dict, total_steps: int):
+def make_optimizer(params, settings: dict, total_steps: int, warmup_steps: int | None = None):
     """(optimizer, scheduler) over the trainable ``params``: AdamW (fused on CPU and CUDA) or RMSprop,
-    with ``ceil(warmup_ratio · total_steps)`` warm-up steps then ``schedule`` (transformers' schedules)."""
+    with ``warmup_steps`` (when given, e.g. sft.warmup_steps) else ``ceil(warmup_ratio · total_steps)``
+    warm-up steps, then ``schedule`` (transformers' schedules)."""
     from transformers import get_scheduler
 
     params = [p for p in params if p.requires_grad]
@@ -26,5 +27,5 @@ def make_optimizer(params, settings: dict, total_steps: int):
         opt = torch.optim.RMSprop(params, lr=settings["lr"])
     else:
         raise ValueError(f"optimizer: unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
-    warmup = int(math.ceil(settings["warmup_ratio"] * total_steps))
+    warmup = warmup_steps if warmup_steps is not None else int(math.ceil(settings["warmup_ratio"] * total_steps))
     return opt, get_scheduler(settings["schedule"], opt, warmup, total_steps)
