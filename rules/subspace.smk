@@ -5,7 +5,9 @@ rule train_probe:
     input:
         model=start_model(),
         data=rules.probe_data.output.data,
-        benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
+        # re-check against the declared benchmarks only: a benchmark added later must not rerun the probe
+        # (sample_benchmark keeps the probe's prompts out of every benchmark's sample)
+        benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=DECONTAMINATE),
     output:
         direction="results/probe/direction.safetensors",
         metrics="results/probe/metrics.json",
@@ -14,7 +16,7 @@ rule train_probe:
         test_fraction=config["probe"]["test_fraction"],
         seed=config["probe"]["seed"],
         benchmarks=lambda wc, input: " ".join(
-            f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(ALL_BENCHMARKS, input.benchmarks)
+            f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(DECONTAMINATE, input.benchmarks)
         ),
     threads: config["resources"]["probe"]["threads"]
     resources:

@@ -14,7 +14,7 @@ Used by ``workflow.prepare_benchmark`` for config entries with a ``jailbreak:`` 
 Every base prompt is put into every sampled template (so the wrapped set has
 n_base x n_templates prompts; ``evaluation.n_prompts`` then samples from it). The base prompt's
 category is kept, and the template's index in the template file is recorded, so harmful rates
-can be split by template.
+can be split by template; ``base_prompt`` is the unwrapped prompt.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def wrap_prompts(base: list[dict], template_rows: list[dict], spec: dict, name: 
     chosen = sample_templates(templates, spec["n_templates"], spec["seed"], what)
     if not base:
         raise SourceError(f"{what}: the base benchmark {spec['benchmark']!r} has no prompts")
+    # base_prompt: the request inside the template, so a base prompt the probe used is found in the wrapped set too
     return [{"id": f"{name}-t{t_index}-{row['id']}", "prompt": wrap(template, row["prompt"], placeholder),
-             "category": row.get("category", ""), "template": t_index}
+             "category": row.get("category", ""), "template": t_index, "base_prompt": row["prompt"]}
             for t_index, template in chosen for row in base]
