@@ -93,8 +93,8 @@ def benchmark_base_arg(wildcards, input):
 
 
 def exclusion_args(wildcards, input):
-    """--exclude NAME=FILE for every benchmark and the held-out preference prompts (probe_data)."""
-    names = [*ALL_BENCHMARKS, "preferences_heldout"]
+    """--exclude NAME=FILE for each benchmark of probe.decontaminate_against and the held-out preference prompts."""
+    names = [*DECONTAMINATE, "preferences_heldout"]
     return " ".join(f"--exclude {n}={shlex.quote(p)}" for n, p in zip(names, input.excluded))
 
 

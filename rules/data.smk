@@ -1,4 +1,9 @@
 # Data stage: base model, preference pairs, noisy copies, benchmark prompts, probe texts.
+# Decontamination runs both ways (docs/benchmarks.md): probe_data excludes the benchmarks declared in
+# probe.decontaminate_against; sample_benchmark drops from every benchmark the prompts the probe data used.
+# So no rule upstream of the probe reads a benchmark that is not declared, and adding one reruns nothing there.
+
+DECONTAMINATE = list(config["probe"]["decontaminate_against"])
 
 
 rule prepare_model:
@@ -76,7 +81,7 @@ rule prepare_benchmark:
     output:
         all="results/data/benchmarks/{benchmark}/all.jsonl",
     params:
-        # without the sample size: changing it must not rewrite all.jsonl (the probe data depend on it)
+        # without the sample size: changing it must not rewrite all.jsonl (the probe data may depend on it)
         spec=lambda wc: as_json({k: v for k, v in config["benchmarks"][wc.benchmark].items() if k != "n_prompts"}),
         base=benchmark_base_arg,
     threads: config["resources"]["prepare"]["threads"]
@@ -96,8 +101,10 @@ rule prepare_benchmark:
 rule sample_benchmark:
     input:
         all=rules.prepare_benchmark.output.all,
+        probe_data="results/probe/data.jsonl",  # read, never written here: its prompts are not evaluated
     output:
         sample="results/data/benchmarks/{benchmark}/sample.jsonl",
+        decontamination="results/data/benchmarks/{benchmark}/decontamination.json",
     params:
         n=lambda wc: config["benchmarks"][wc.benchmark].get("n_prompts", config["evaluation"]["n_prompts"]),
         seed=config["evaluation"]["seed"],
@@ -111,14 +118,15 @@ rule sample_benchmark:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.sample_benchmark --all {input.all} --n-sample {params.n} --seed {params.seed}"
-        " --sample {output.sample} > {log} 2>&1"
+        "python -m workflow.sample_benchmark --name {wildcards.benchmark} --all {input.all}"
+        " --probe-data {input.probe_data} --n-sample {params.n} --seed {params.seed}"
+        " --sample {output.sample} --decontamination {output.decontamination} > {log} 2>&1"
 
 
 rule probe_data:
     input:
         excluded=[
-            *expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
+            *expand(rules.prepare_benchmark.output.all, benchmark=DECONTAMINATE),
             rules.prepare_preferences.output.heldout,
         ],
     output:

@@ -74,6 +74,8 @@ rule report:
         probe=rules.train_probe.output.metrics,
         subspace=rules.select_subspace.output.summary,
         decontamination=rules.probe_data.output.report,
+        # the other direction: prompts of each answered benchmark left out because the probe data used them
+        benchmark_decontamination=expand(rules.sample_benchmark.output.decontamination, benchmark=BENCHMARKS),
         preferences=rules.prepare_preferences.output.summary,
         noise=expand(rules.inject_noise.output.summary, noise=NOISES, seed=SEEDS),
         # the local data files are hashed into the report's provenance table
@@ -103,6 +105,7 @@ rule report:
         "python -m workflow.report --config-json {params.config} --tables results/tables --figures {params.figures}"
         " --reference-method {params.reference} --claim-method {params.claim} --alpha {params.alpha}"
         " --model-provenance {input.model}/provenance.json --probe-metrics {input.probe} --subspace {input.subspace}"
-        " --decontamination {input.decontamination} --preferences {input.preferences}"
+        " --decontamination {input.decontamination} --benchmark-decontamination {input.benchmark_decontamination}"
+        " --preferences {input.preferences}"
         " --noise-summaries {input.noise} {params.optional}"
         " --markdown {output.markdown} --html {output.html} > {log} 2>&1"

@@ -8,14 +8,16 @@ rule train_probe:
     input:
         model=PROBE_MODEL,
         data=rules.probe_data.output.data,
-        benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=ALL_BENCHMARKS),
+        # re-check against the declared benchmarks only: a benchmark added later must not rerun the probe
+        # (sample_benchmark keeps the probe's prompts out of every benchmark's sample)
+        benchmarks=expand(rules.prepare_benchmark.output.all, benchmark=DECONTAMINATE),
     output:
         direction="results/probe/direction.safetensors",
         metrics="results/probe/metrics.json",
     params:
         spec=as_json({k: v for k, v in config["probe"].items() if k != "data"}),
         benchmarks=lambda wc, input: " ".join(
-            f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(ALL_BENCHMARKS, input.benchmarks)
+            f"--benchmark {b}={shlex.quote(p)}" for b, p in zip(DECONTAMINATE, input.benchmarks)
         ),
     threads: config["resources"]["probe"]["threads"]
     resources:

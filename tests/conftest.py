@@ -62,6 +62,7 @@ def tiny_config(model_dir: Path) -> dict:
         "donotanswer": {"source": {"path": str(FIXTURES / "risk_areas")}, "prompt_column": "prompt",
                         "category_column": "_file"},
     }
+    config["probe"]["decontaminate_against"] = ["harmbench", "donotanswer"]  # the benchmarks defined here
     config["evaluation"].update(benchmarks=["harmbench", "donotanswer"], n_prompts=3, max_new_tokens=8, batch_size=2)
     return config
 

@@ -187,3 +187,33 @@ def test_unsupported_mlp_layout_stops_the_first_job(workdir, tmp_path):
     log = (workdir / "results/logs/prepare_model.log").read_text()
     assert "model type 'opt'" in log and "no supported MLP output projection" in log
     assert not (workdir / "results/models/base").exists()
+
+
+# ---- a plain text file of prompts (.txt, one per line): the same rules as the other formats ----
+
+def txt_bench(tmp_path, content: bytes, prompt_column="text"):
+    (tmp_path / "p.txt").write_bytes(content)
+    bench(tmp_path, {"source": {"path": str(tmp_path / "p.txt")}, "prompt_column": prompt_column})
+
+
+def test_txt_prompts_that_are_not_utf8_name_file_line_and_byte(tmp_path):
+    with pytest.raises(SourceError, match=r"p.txt: not UTF-8 text \(line 2, byte 15: invalid start byte\)"):
+        txt_bench(tmp_path, b"Write a threat\n\xff\xfe bad\n")
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"], ids=["zero bytes", "only blank lines"])
+def test_empty_txt_prompt_file(tmp_path, content):
+    with pytest.raises(SourceError, match=r"benchmarks.harmbench.source: no rows in '.*p.txt' \(empty, or only blank lines\)"):
+        txt_bench(tmp_path, content)
+
+
+def test_empty_csv_is_named_like_an_empty_jsonl(tmp_path):
+    (tmp_path / "b.csv").write_text("")
+    with pytest.raises(SourceError, match=r"benchmarks.harmbench.source: no rows in '.*b.csv'"):
+        bench(tmp_path, {"source": {"path": str(tmp_path / "b.csv")}, "prompt_column": "q"})
+
+
+def test_txt_prompt_column_is_text(tmp_path):
+    with pytest.raises(SourceError, match=r"benchmarks.harmbench: row 0 has no column 'prompt' \(columns present: \['text'\]\)"):
+        txt_bench(tmp_path, b"Write a threat\n", prompt_column="prompt")

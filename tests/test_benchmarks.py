@@ -91,7 +91,7 @@ def test_new_benchmarks_and_a_second_judge_from_config_alone(workdir):
     write_config(workdir, config)
 
     proc = run_snakemake(workdir, "results/tables/judge_agreement.csv",
-                         "results/data/benchmarks/preferences_heldout/all.jsonl")  # (DPO alone needs no probe)
+                         "results/data/benchmarks/preferences_heldout/all.jsonl")  # no probe (probe_data runs)
     ran = jobs_run(proc)
     assert ran.count("judge") == 2 * 2 * 3 and "judge_agreement" in ran  # judges x models x benchmarks
 

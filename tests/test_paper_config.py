@@ -46,11 +46,11 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     counts = job_counts(out)
-    # 4 methods x 5 noise rates x 1 seed; 3 benchmarks x (base + 20 policies); the SFT stage once
+    # 4 methods x 5 noise rates x 1 seed; 4 benchmarks x (base + 20 policies); the SFT stage once
     assert counts["train_policy"] == 20 and counts["inject_noise"] == 5
-    assert counts["sft"] == 1 and counts["prepare_benchmark"] == 3
+    assert counts["sft"] == 1 and counts["prepare_benchmark"] == 4 and counts["sample_benchmark"] == 4
     # three judges (MD-Judge, Nemotron, refusal markers) label every answer; their agreement table once
-    assert counts["generate"] == 63 and counts["judge"] == 189 and counts["judge_agreement"] == 1
+    assert counts["generate"] == 84 and counts["judge"] == 252 and counts["judge_agreement"] == 1
     # reward-level ShaPO: the beaver cost model, converted from safe-rlhf's layout, scores the pairs once
     assert counts["convert_score_model"] == 1 and counts["train_reward_model"] == 1
 
@@ -77,6 +77,16 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert "advbench" not in out  # removed with `advbench: null`
     bench_cmds = " ".join(shell_commands(out, "prepare_benchmark"))
     assert "walledai/SaladBench" in bench_cmds and "FunctionalCategory" not in bench_cmds
+    assert '"category_column": "categories"' in bench_cmds and '"split": "base"' in bench_cmds
+    # the official default evaluation set: the PKU-SafeRLHF-30K test prompts (hub id); 2,000 per benchmark
+    (pku_cmd,) = [c for c in shell_commands(out, "prepare_benchmark") if "--name pku_saferlhf_test " in c]
+    assert '"hub": "PKU-Alignment/PKU-SafeRLHF-30K"' in pku_cmd and '"split": "test"' in pku_cmd
+    samples = {re.search(r"--name (\S+)", c)[1]: re.search(r"--n-sample (\d+)", c)[1]
+               for c in shell_commands(out, "sample_benchmark")}
+    assert samples == {b: "2000" for b in ("pku_saferlhf_test", "harmbench", "saladbench", "donotanswer")}
+    # the probe data are de-duplicated against every paper benchmark (the held-out prompts always)
+    assert sorted(re.findall(r"--exclude (\w+)=", probe_cmd)) == sorted(
+        ["pku_saferlhf_test", "harmbench", "saladbench", "donotanswer", "preferences_heldout"])
     # policies and the reference start from the SFT model; training uses RMSprop at 5e-7
     for cmd in shell_commands(out, "train_policy") + shell_commands(out, "reference_logps"):
         assert "--model results/models/sft " in cmd
@@ -105,7 +115,11 @@ def test_paper_config_dry_runs_offline(tmp_path):
 
 def test_null_in_configfile_removes_a_default_entry(workdir):
     override = workdir / "override.yaml"
+    # a removed benchmark leaves the probe's declared list too (it is restated, as config/paper.yaml does)
     override.write_text("benchmarks:\n  donotanswer: null\nevaluation:\n  benchmarks: [harmbench]\n")
+    proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override), check=False)
+    assert "config key probe.decontaminate_against: 'donotanswer' is not a defined benchmark" in proc.stdout + proc.stderr
+    override.write_text(override.read_text() + "probe:\n  decontaminate_against: [harmbench]\n")
     proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override))
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts["prepare_benchmark"] == 1 and counts["generate"] == 5  # base + 2 methods x 2 noise rates

@@ -44,12 +44,13 @@ def test_pku_texts_use_the_template_keep_raw_text_and_carry_their_pair():
              "is_response_1_safe": False},
             {"prompt": "p1", "response_0": "  ", "response_1": "other bad", "is_response_0_safe": True,
              "is_response_1_safe": "false"}]
-    classes, removed, prompts, pair_of = pku_response_texts(rows, {}, "rows", "<{prompt}>[{response}]")
+    classes, removed, prompts, pair_of, prompt_of = pku_response_texts(rows, {}, "rows", "<{prompt}>[{response}]")
     assert classes == {"safe": ["<p0 >[safe answer]"], "unsafe": ["<p0 >[ bad answer]", "<p1>[other bad]"]}
     assert pair_of == {"<p0 >[safe answer]": 0, "<p0 >[ bad answer]": 0, "<p1>[other bad]": 1}
-    rows_out = build_probe_set(classes["unsafe"], classes["safe"], 10, 0, "all", pair_of)
-    assert sorted((r["text"], r["label"], r["pair"]) for r in rows_out) == [
-        ("<p0 >[ bad answer]", 1, 0), ("<p0 >[safe answer]", 0, 0), ("<p1>[other bad]", 1, 1)]
+    rows_out = build_probe_set(classes["unsafe"], classes["safe"], 10, 0, "all", pair_of, prompt_of)
+    # each text records the (stripped) prompt it was built from: what benchmark prompts are compared with
+    assert sorted((r["text"], r["label"], r["pair"], r["prompt"]) for r in rows_out) == [
+        ("<p0 >[ bad answer]", 1, 0, "p0"), ("<p0 >[safe answer]", 0, 0, "p0"), ("<p1>[other bad]", 1, 1, "p1")]
 
 
 def test_sample_all_keeps_every_text_unbalanced_and_seeded():

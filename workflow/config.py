@@ -217,6 +217,14 @@ def check_benchmarks(config: dict) -> None:
                               f" source; defined: {sorted(b for b, s in benchmarks.items() if 'source' in s)}")
 
 
+def check_decontamination(config: dict) -> None:
+    """probe.decontaminate_against names defined benchmarks (a configfile that removes one lists its own)."""
+    for b in config["probe"]["decontaminate_against"]:
+        if b not in config["benchmarks"]:
+            raise ConfigError(f"config key probe.decontaminate_against: {b!r} is not a defined benchmark (removed with"
+                              f" null?); list the benchmarks the probe data must not contain, of {sorted(config['benchmarks'])}")
+
+
 def check_presets(config: dict) -> None:
     for name, preset in config["presets"].items():
         s = preset.get("sharpness")
@@ -304,8 +312,8 @@ def check_config(config: dict) -> None:
 
     In this order: a name must be defined before its entry is read; the paths last (they touch the disk).
     """
-    for check in (check_names, check_backend, check_evaluation, check_judges, check_benchmarks, check_presets, check_reward_model,
-                  check_training):
+    for check in (check_names, check_backend, check_evaluation, check_judges, check_benchmarks, check_decontamination,
+                  check_presets, check_reward_model, check_training):
         check(config)
     check_probe_data(config["probe"]["data"])
     check_paths(config)

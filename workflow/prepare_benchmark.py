@@ -14,11 +14,15 @@ behaviour as HarmBench does) and an optional row filter; or it is another benchm
 wrapped in jailbreak templates (``jailbreak:``, see ``workflow/wrap_jailbreaks.py``; pass the base
 benchmark's ``all.jsonl`` with ``--base-prompts``).
 
-``all.jsonl`` (every prompt) is what the probe set is de-duplicated against; ``sample.jsonl``
-is what the models answer. Records: ``id, prompt, category, behavior, context`` (+ ``template`` for
-wrapped sets): ``prompt`` is what the model is asked; ``behavior`` is the original request (the prompt
-column's text, without context or jailbreak template) and ``context`` the context string or null. A
-judge that grades against the behaviour (HarmBench's classifier) reads these two, not ``prompt``.
+``all.jsonl`` holds every prompt once (a prompt repeated in the source, after stripping and the context
+join, is kept at its first row, as the official evaluation's ``set()`` does); it is what the probe data
+are de-duplicated against when the benchmark is in ``probe.decontaminate_against``. ``sample.jsonl``
+(``workflow.sample_benchmark``) is what the models answer: a seeded sample of ``all.jsonl`` minus every
+prompt the probe data used. Records: ``id, prompt, category, behavior, context`` (+ ``template`` and
+``base_prompt`` for wrapped sets); ``id`` is ``<name>-<row index in the source>``. ``prompt`` is what the
+model is asked; ``behavior`` is the original request (the prompt column's text, without context or
+jailbreak template) and ``context`` the context string or null: a judge that grades against the behaviour
+(HarmBench's classifier) reads these two, not ``prompt``.
 """
 from __future__ import annotations
 
@@ -57,7 +61,13 @@ def benchmark_prompts(rows: list[dict], spec: dict, name: str) -> list[dict]:
                     "behavior": behavior, "context": context})
     if not out:
         raise SourceError(f"{what}: no prompts left after filter {spec.get('filter')}")
-    return out
+    return unique_prompts(out)
+
+
+def unique_prompts(records: list[dict]) -> list[dict]:
+    """Each prompt once, at its first record: a repeated prompt would be answered and counted twice."""
+    seen = set()
+    return [r for r in records if not (r["prompt"] in seen or seen.add(r["prompt"]))]
 
 
 def sample_prompts(prompts: list[dict], n: int, seed: int) -> list[dict]:

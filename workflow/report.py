@@ -322,8 +322,13 @@ def build(a) -> Document:
         doc.text(sensitivity)
     doc.table(subspace, "Selected neurons per layer (results/subspace/summary.tsv); secondary_selected and shared: "
               "the other probe fit's selection and its overlap with this one.")
-    doc.table(pd.read_csv(a.decontamination, sep="\t"), "Decontamination: probe texts read, removed for overlap "
-              "with each benchmark or the held-out preference prompts, and kept (results/probe/decontamination.tsv).")
+    doc.table(pd.read_csv(a.decontamination, sep="\t"), "Decontamination, probe side: probe texts read, removed for "
+              "overlap with each benchmark of probe.decontaminate_against or the held-out preference prompts, and kept "
+              "(results/probe/decontamination.tsv).")
+    if a.benchmark_decontamination:
+        doc.table(benchmark_decontamination_table(a.benchmark_decontamination), "Decontamination, benchmark side: "
+                  "prompts of each answered benchmark, removed because the probe data used them (never answered or "
+                  "scored), left, and sampled (results/data/benchmarks/<name>/decontamination.json).")
 
     doc.heading("Training data and label noise")
     doc.code(json.dumps(read_json(a.preferences), indent=2))
@@ -341,6 +346,13 @@ def build(a) -> Document:
     return doc
 
 
+def benchmark_decontamination_table(paths: list[str]) -> pd.DataFrame:
+    """One row per benchmark: prompts, removed because the probe used them, left (evaluable), sampled."""
+    rows = [read_json(p) for p in paths]
+    return pd.DataFrame([{k: r[k] for k in ("benchmark", "prompts", "removed_probe_overlap", "evaluable", "sampled")}
+                         for r in rows])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-json", required=True, help="the run's config (as JSON)")
@@ -353,6 +365,8 @@ def main(argv=None):
     p.add_argument("--probe-metrics", required=True)
     p.add_argument("--subspace", required=True)
     p.add_argument("--decontamination", required=True)
+    p.add_argument("--benchmark-decontamination", nargs="*", default=[],
+                   help="decontamination.json of each answered benchmark (workflow.sample_benchmark)")
     p.add_argument("--preferences", required=True, help="results/data/preferences/summary.json")
     p.add_argument("--noise-summaries", nargs="+", required=True)
     p.add_argument("--judge-agreement", help="results/tables/judge_agreement.csv (with two judges or more)")

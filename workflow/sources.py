@@ -1,9 +1,17 @@
 """Load tabular data sets from a local path or a Hugging Face hub id.
 
 A source is a mapping from the config, either ``{"path": ...}`` (a ``.jsonl``, ``.jsonl.gz``,
-``.json``, ``.csv`` or ``.parquet`` file, or a folder of such files) or ``{"hub": id}`` with
+``.json``, ``.csv``, ``.parquet`` or ``.txt`` file, or a folder of such files) or ``{"hub": id}`` with
 optional ``config``, ``split`` and ``data_dir``. Offline runs use paths (the mirror in
 ``../shared/data``); online users give the canonical hub ids and get the same rows.
+
+A ``.txt`` file is a plain list of prompts, one per line: each non-blank line is a row with one
+column, ``text`` (so a benchmark reads it with ``prompt_column: text``); blank lines are skipped,
+a UTF-8 byte-order mark is ignored.
+
+Error rules, the same for every format: bytes that are not UTF-8 raise a ``SourceError`` naming the
+file and the byte offset; an empty file (zero bytes, or only blank lines in a line-based format)
+has no rows, and ``load_rows`` stops naming the config key and the file ("no rows in ...").
 """
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ import gzip
 import json
 from pathlib import Path
 
-SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt")
+TEXT_COLUMN = "text"  # the one column of a .txt file (and of a JSON list of strings)
 
 
 class SourceError(ValueError):
@@ -26,9 +35,24 @@ def _suffix(path: Path) -> str:
     return ""
 
 
+def _read_lines(path: Path) -> list[dict]:
+    """One row ``{"text": line}`` per non-blank line of a plain text file."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the first prompt
+    except UnicodeDecodeError as e:  # decoded whole, so the offset is the file's (and gives the line)
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SourceError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason})") from None
+    return [{TEXT_COLUMN: line.strip()} for line in text.splitlines() if line.strip()]
+
+
 def _read_file(path: Path) -> list[dict]:
     suffix = _suffix(path)
+    if suffix and path.stat().st_size == 0:  # no rows, like an empty .jsonl (json and pandas would raise their own errors)
+        return []
     try:
+        if suffix == ".txt":
+            return _read_lines(path)
         if suffix in (".jsonl", ".jsonl.gz"):
             opener = gzip.open if suffix == ".jsonl.gz" else open
             rows = []
@@ -47,7 +71,7 @@ def _read_file(path: Path) -> list[dict]:
                 data = next(iter(data.values()))
             if not isinstance(data, list):
                 raise SourceError(f"{path}: expected a JSON list of records")
-            return [r if isinstance(r, dict) else {"text": r} for r in data]
+            return [r if isinstance(r, dict) else {TEXT_COLUMN: r} for r in data]
         import pandas as pd
 
         if suffix == ".csv":
@@ -79,8 +103,11 @@ def load_rows(source: dict, what: str = "source") -> list[dict]:
             for file in files:
                 stem = file.name[: -len(_suffix(file))]
                 rows.extend({**row, "_file": stem} for row in _read_file(file))
-            return rows
-        return _read_file(path)
+        else:
+            rows = _read_file(path)
+        if not rows:
+            raise SourceError(f"{what}: no rows in {str(path)!r} (empty, or only blank lines)")
+        return rows
     if "hub" in source:
         import datasets
 

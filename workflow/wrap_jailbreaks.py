@@ -14,8 +14,8 @@ Used by ``workflow.prepare_benchmark`` for config entries with a ``jailbreak:`` 
 Every base prompt is put into every sampled template (so the wrapped set has
 n_base x n_templates prompts; ``evaluation.n_prompts`` then samples from it). The base prompt's
 category, behaviour and context are kept (a judge that grades against the original behaviour, like
-HarmBench's classifier, reads those, not the wrapped prompt), and the template's index in the template
-file is recorded, so harmful rates can be split by template.
+HarmBench's classifier, reads those, not the wrapped prompt), the template's index in the template
+file is recorded, so harmful rates can be split by template, and ``base_prompt`` is the unwrapped prompt.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def wrap_prompts(base: list[dict], template_rows: list[dict], spec: dict, name: 
         if not isinstance(row.get("behavior"), str):
             raise SourceError(f"{what}: base benchmark {spec['benchmark']!r} row {i} (id {row.get('id')!r}) has no "
                               "'behavior' (its all.jsonl predates it: rerun prepare_benchmark for it)")
+    # base_prompt: the request inside the template, so a base prompt the probe used is found in the wrapped set too
     return [{"id": f"{name}-t{t_index}-{row['id']}", "prompt": wrap(template, row["prompt"], placeholder),
              "category": row.get("category", ""), "behavior": row["behavior"], "context": row.get("context"),
-             "template": t_index}
+             "template": t_index, "base_prompt": row["prompt"]}
             for t_index, template in chosen for row in base]
