@@ -73,9 +73,9 @@ def test_probe_rows_record_the_prompt_they_were_built_from(tmp_path):
     probe_data.main(["--spec-json", json.dumps({"format": "pku-saferlhf", "source": {"path": str(fixture)},
                                                "n_per_class": 100, "seed": 0}),
                      "--output", str(tmp_path / "pku.jsonl"), "--report", str(tmp_path / "pku.tsv")])
-    prompts = {r["prompt"] for r in read_jsonl(fixture)}
-    for row in read_jsonl(tmp_path / "pku.jsonl"):
-        assert row["prompt"] in prompts and row["text"].startswith(row["prompt"] + "\n\n")
+    prompts = {r["prompt"].strip() for r in read_jsonl(fixture)}
+    for row in read_jsonl(tmp_path / "pku.jsonl"):  # the official template: "\n\nHuman: {prompt}\n\nAssistant:{response}"
+        assert row["prompt"] in prompts and row["text"].startswith(f"\n\nHuman: {row['prompt']}")
     spec = {"unsafe": {"path": str(FIXTURES / "probe_unsafe.json")}, "safe": {"path": str(FIXTURES / "probe_safe.json")},
             "n_per_class": 4}
     probe_data.main(["--spec-json", json.dumps(spec), "--output", str(tmp_path / "t.jsonl"), "--report", str(tmp_path / "t.tsv")])
@@ -193,3 +193,17 @@ def test_adding_a_judge_plans_only_judging_and_the_report(reference_run, tmp_pat
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     # every (model, benchmark) answer judged by the new judge; the agreement table appears with the second judge
     assert planned(workdir) == sorted(["judge"] * MODELS * 2 + ["judge_agreement"] + REPORT_JOBS)
+
+
+def test_train_probe_rechecks_the_prompt_inside_a_templated_probe_text(tmp_path):
+    """A PKU probe text is its prompt inside the HH template, so comparing whole texts with benchmark prompts
+    can never match: the re-check compares the prompt each text was built from."""
+    from workflow import train_probe
+
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "\n\nHuman: How do I pick a lock?\n\nAssistant: No.", "label": 1,
+                                           "prompt": "How do I pick a lock?"}])
+    write_jsonl(tmp_path / "bench.jsonl", [{"id": "b-0", "prompt": "how do I pick a lock"}])
+    with pytest.raises(SourceError, match="overlaps benchmark 'bench'"):
+        train_probe.main(["--model", str(tmp_path / "unused"), "--data", str(tmp_path / "data.jsonl"),
+                          "--benchmark", f"bench={tmp_path / 'bench.jsonl'}", "--spec-json", "{}",
+                          "--direction", str(tmp_path / "d.safetensors"), "--metrics", str(tmp_path / "m.json")])

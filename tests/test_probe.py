@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from workflow.config import fill_defaults
-from workflow.probe_data import assert_disjoint, build_probe_set, decontaminate, normalise
+from workflow.decontamination import assert_disjoint, decontaminate, normalise
+from workflow.probe_data import build_probe_set
 from workflow.sources import SourceError
 from workflow.train_probe import fit_both
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from workflow.sources import SourceError
+
+UNSAFE, SAFE = 1, 0  # the labels of the probe data (results/probe/data.jsonl), read by probe_data and train_probe
+
 
 def normalise(text: str) -> str:
     """Case-, accent-, punctuation- and whitespace-insensitive form used to detect overlap."""
@@ -48,3 +52,33 @@ def probe_overlap(prompts: list[dict], probe_rows: list[dict]) -> tuple[list[dic
         texts = [record["prompt"], record.get("base_prompt") or ""]
         (removed if any(normalise(t) in keys for t in texts if t) else kept).append(record)
     return kept, removed
+
+
+def find_overlap(texts: list[str], excluded: dict[str, list[str]]) -> dict[str, set[str]]:
+    """For each excluded set, the normalised texts of ``texts`` that it also contains."""
+    norm = {normalise(t) for t in texts}
+    return {name: norm & {normalise(p) for p in prompts} for name, prompts in excluded.items()}
+
+
+def decontaminate(texts: list[str], excluded: dict[str, list[str]]) -> tuple[list[str], dict[str, int]]:
+    """``texts`` minus every text that matches an excluded prompt, and the count removed per set.
+
+    A text matching several sets is counted under each.
+    """
+    banned = {name: {normalise(p) for p in prompts} for name, prompts in excluded.items()}
+    removed = {name: 0 for name in excluded}
+    kept = []
+    for t in texts:
+        hits = [name for name, b in banned.items() if normalise(t) in b]
+        for name in hits:
+            removed[name] += 1
+        if not hits:
+            kept.append(t)
+    return kept, removed
+
+
+def assert_disjoint(texts: list[str], excluded: dict[str, list[str]], what: str) -> None:
+    """Fail loudly if any text still overlaps an evaluation set."""
+    for name, hits in find_overlap(texts, excluded).items():
+        if hits:
+            raise SourceError(f"{what} overlaps benchmark {name!r} in {len(hits)} prompt(s), e.g. {sorted(hits)[0]!r}")

@@ -35,42 +35,9 @@ import re
 import pandas as pd
 
 from workflow.config import check_probe_data, fill_defaults
-from workflow.decontamination import normalise
+from workflow.decontamination import SAFE, UNSAFE, assert_disjoint, decontaminate, normalise
 from workflow.files import read_jsonl, write_jsonl, write_tsv
 from workflow.sources import SourceError, load_rows, require_columns
-
-UNSAFE, SAFE = 1, 0
-
-
-def find_overlap(texts: list[str], excluded: dict[str, list[str]]) -> dict[str, set[str]]:
-    """For each excluded set, the normalised texts of ``texts`` that it also contains."""
-    norm = {normalise(t) for t in texts}
-    return {name: norm & {normalise(p) for p in prompts} for name, prompts in excluded.items()}
-
-
-def decontaminate(texts: list[str], excluded: dict[str, list[str]]) -> tuple[list[str], dict[str, int]]:
-    """``texts`` minus every text that matches an excluded prompt, and the count removed per set.
-
-    A text matching several sets is counted under each.
-    """
-    banned = {name: {normalise(p) for p in prompts} for name, prompts in excluded.items()}
-    removed = {name: 0 for name in excluded}
-    kept = []
-    for t in texts:
-        hits = [name for name, b in banned.items() if normalise(t) in b]
-        for name in hits:
-            removed[name] += 1
-        if not hits:
-            kept.append(t)
-    return kept, removed
-
-
-def assert_disjoint(texts: list[str], excluded: dict[str, list[str]], what: str) -> None:
-    """Fail loudly if any text still overlaps an evaluation set."""
-    for name, hits in find_overlap(texts, excluded).items():
-        if hits:
-            raise SourceError(f"{what} overlaps benchmark {name!r} in {len(hits)} prompt(s), e.g. {sorted(hits)[0]!r}")
-
 
 def load_texts(source: dict, column: str, what: str) -> list[str]:
     rows = load_rows(source, what=what)

@@ -35,7 +35,7 @@ from sklearn.model_selection import train_test_split
 from workflow.config import ConfigError, fill_defaults
 from workflow.files import atomic_path, read_jsonl, write_json
 from workflow.models import load_model, load_tokenizer, placement
-from workflow.probe_data import SAFE, UNSAFE, assert_disjoint
+from workflow.decontamination import SAFE, UNSAFE, assert_disjoint
 from workflow.progress import progress
 
 FITS = ("logistic", "linear_head")
@@ -198,7 +198,8 @@ def main(argv=None):
     for item in a.benchmark:
         name, _, path = item.partition("=")
         excluded[name] = [r["prompt"] for r in read_jsonl(path)]
-    assert_disjoint(texts, excluded, f"probe data {a.data}")
+    # a PKU text is its prompt inside a template: the prompt it was built from is checked too
+    assert_disjoint(texts + [r["prompt"] for r in rows if r.get("prompt")], excluded, f"probe data {a.data}")
 
     device, dtype = placement("fp32")  # the official probe runs its encoder in fp32 (train_probe_pku_30k.py:74)
     model = load_model(a.model, dtype=dtype, device=device).eval()
