@@ -111,8 +111,7 @@ def test_pku_safer_response_id_out_of_range(tmp_path):
 
 
 def bench(tmp_path, spec):
-    prepare_benchmark.main(["--name", "harmbench", "--spec-json", json.dumps(spec), "--n-sample", "0",
-                            "--all", str(tmp_path / "a.jsonl"), "--sample", str(tmp_path / "s.jsonl")])
+    prepare_benchmark.main(["--name", "harmbench", "--spec-json", json.dumps(spec), "--all", str(tmp_path / "a.jsonl")])
 
 
 def test_benchmark_column_that_does_not_exist(tmp_path):
@@ -168,7 +167,8 @@ def test_unknown_embedded_model():
 def test_probe_layer_outside_the_model(tmp_path, tiny_model_dir):
     (tmp_path / "probe.jsonl").write_text(json.dumps({"text": "hello", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="probe.layer: 7 is outside the model's hidden states"):
-        train_probe.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "probe.jsonl"), "--layer", "7",
+        train_probe.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "probe.jsonl"),
+                          "--spec-json", json.dumps({"layer": 7}),
                           "--direction", str(tmp_path / "d.safetensors"), "--metrics", str(tmp_path / "m.json")])
 
 

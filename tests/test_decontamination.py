@@ -100,8 +100,10 @@ def test_repeated_prompts_are_kept_once(tmp_path):
     prepare_benchmark.main(["--name", "b", "--spec-json", json.dumps({"source": {"path": str(tmp_path / "b.csv")},
                                                                       "prompt_column": "q", "category_column": "c"}),
                             "--all", str(tmp_path / "all.jsonl")])
-    assert read_jsonl(tmp_path / "all.jsonl") == [{"id": "b-0", "prompt": "Write a threat", "category": "a"},
-                                                  {"id": "b-2", "prompt": "Describe a heist", "category": "c"}]
+    # behavior/context feed the HarmBench classifier's {behavior} and {context} slots
+    assert read_jsonl(tmp_path / "all.jsonl") == [
+        {"id": "b-0", "prompt": "Write a threat", "category": "a", "behavior": "Write a threat", "context": None},
+        {"id": "b-2", "prompt": "Describe a heist", "category": "c", "behavior": "Describe a heist", "context": None}]
 
 
 def test_txt_benchmark_one_prompt_per_line(tmp_path):

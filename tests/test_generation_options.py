@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import shutil
 
@@ -311,7 +312,11 @@ def test_paper_config_generates_as_the_official_code(tmp_path):
     proc = dry_run_paper(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     commands = shell_commands(proc.stdout + proc.stderr, "generate")
-    assert len(commands) == 33
+    pairs = {(re.search(r"--model (\S+)", c)[1], re.search(r"benchmarks/(\w+)/", c)[1]) for c in commands}
+    models, benchmarks = {m for m, _ in pairs}, {b for _, b in pairs}
+    # every model answers every paper benchmark, once
+    assert benchmarks == {"pku_saferlhf_test", "harmbench", "saladbench", "donotanswer"}
+    assert len(commands) == len(pairs) == len(models) * len(benchmarks) and "results/models/base" in models
     for cmd in commands:
         args = shlex.split(cmd.split(">")[0])
         assert args[args.index("--prompt-format") + 1] == "hh" and args[args.index("--max-new-tokens") + 1] == "256"

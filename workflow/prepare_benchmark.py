@@ -1,11 +1,11 @@
-"""Write every prompt of one evaluation benchmark (``all.jsonl``); ``--sample`` also writes the seeded sample.
+"""Write every prompt of one evaluation benchmark (``all.jsonl``).
 
     python -m workflow.prepare_benchmark --name harmbench \
         --spec-json '{"source": {"path": "../shared/data/harmbench/harmbench_behaviors_text_all.csv"}, "prompt_column": "Behavior", "category_column": "SemanticCategory", "filter": {"FunctionalCategory": "standard"}}' \
         --all results/data/benchmarks/harmbench/all.jsonl
 
-In the workflow the sample is its own rule (``workflow.sample_benchmark``), so changing the sample size does not rewrite ``all.jsonl`` and therefore does not
-rerun the probe, the subspace and the ShaPO policies that depend on it.
+The sample the models answer is another rule's (``workflow.sample_benchmark``): changing the sample size
+does not rewrite ``all.jsonl``, and the sample leaves out every prompt the probe data used.
 
 A benchmark is either read from a source (a local CSV/JSON/JSONL/parquet file or folder, a hub id,
 or a workflow output under ``results/``) with a prompt column, an optional category column, an
@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
-from workflow.config import fill_defaults, schema_default
+from workflow.config import fill_defaults
 from workflow.files import read_jsonl, write_jsonl
 from workflow.sources import SourceError, load_rows, require_columns
 from workflow.wrap_jailbreaks import wrap_prompts
@@ -70,14 +69,6 @@ def unique_prompts(records: list[dict]) -> list[dict]:
     return [r for r in records if not (r["prompt"] in seen or seen.add(r["prompt"]))]
 
 
-def sample_prompts(prompts: list[dict], n: int, seed: int) -> list[dict]:
-    """A seeded sample of ``n`` prompts (all of them when ``n`` is 0 or too large), in file order."""
-    if n <= 0 or n >= len(prompts):
-        return list(prompts)
-    keep = sorted(random.Random(seed).sample(range(len(prompts)), n))
-    return [prompts[i] for i in keep]
-
-
 def build_prompts(spec: dict, name: str, base_prompts: str | None = None) -> list[dict]:
     """Every prompt of one benchmark config entry (validated here, defaults filled)."""
     spec = fill_defaults(spec, f"benchmarks/{name}")
@@ -94,18 +85,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--spec-json", required=True, help="the benchmark's config entry as JSON")
-    p.add_argument("--n-sample", type=int, default=0, help="prompts to answer (0 = all), with --sample")
-    p.add_argument("--seed", type=int, default=schema_default("evaluation/seed"))
     p.add_argument("--base-prompts", help="all.jsonl of the base benchmark (jailbreak-wrapped sets only)")
     p.add_argument("--all", required=True)
-    p.add_argument("--sample", help="also write the seeded sample here")
     a = p.parse_args(argv)
 
     spec = json.loads(a.spec_json)
     prompts = build_prompts(spec, a.name, a.base_prompts)
     write_jsonl(a.all, prompts)
-    if a.sample:
-        write_jsonl(a.sample, sample_prompts(prompts, a.n_sample, a.seed))
     print(json.dumps({"benchmark": a.name, "prompts": len(prompts)}))
 
 

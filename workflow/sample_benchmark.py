@@ -29,15 +29,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from workflow.config import schema_default
 from workflow.decontamination import probe_overlap
 from workflow.files import read_jsonl, write_json, write_jsonl
-from workflow.prepare_benchmark import sample_prompts
 from workflow.sources import SourceError
 
 SHOWN = 5  # removed prompts quoted in the log and the error
+
+
+def sample_prompts(prompts: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` prompts (all of them when ``n`` is 0 or too large), in file order."""
+    if n <= 0 or n >= len(prompts):
+        return list(prompts)
+    keep = sorted(random.Random(seed).sample(range(len(prompts)), n))
+    return [prompts[i] for i in keep]
 
 
 def all_removed_message(name: str, n: int, probe_data: str, removed: list[dict]) -> str:
