@@ -72,7 +72,7 @@ def score_model(model_dir: str, records: list[dict], settings: dict) -> list[dic
 
     device, dtype = placement(settings["precision"])
     model = load_model(model_dir, dtype=dtype, device=device).eval()
-    return score_pairs(model, load_tokenizer(model_dir), records, settings)
+    return score_pairs(model, load_tokenizer(model_dir), records, settings, desc="held-out log-probs")
 
 
 def main(argv=None):
