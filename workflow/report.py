@@ -183,7 +183,8 @@ def preconditions_statement(pref_comp: pd.DataFrame, comp: pd.DataFrame, referen
     else:
         cells = []
         for _, r in methods.iterrows():
-            cells.append(f"{r.method} at ε = {r.noise:g}: accuracy {_ci(r)}, Holm p = {r.p_holm:.2g}{margin_of(r)}")
+            cells.append(f"{r.method} at ε = {r.noise:g}: accuracy {r.value_vs:.3f} → {r.value:.3f}, difference {_ci(r)}, "
+                         f"Holm p = {r.p_holm:.2g}{margin_of(r)}")
         sig = methods[methods.significant.astype(bool)]
         harmful = comp[comp.kind == "harmful"] if len(comp) else comp
         text = (f"3. Each method against {reference} at the same noise rate, paired on the held-out pairs: "
