@@ -15,6 +15,7 @@ include: "rules/subspace.smk"
 include: "rules/reward.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
+include: "rules/score.smk"
 include: "rules/report.smk"
 
 

@@ -9,15 +9,19 @@ REPORT = config["report"]
 HARMLESS_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmless" for b in BENCHMARKS)
 HARMFUL_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmful" for b in BENCHMARKS)
 REPORT_FIGURES = ["harmful_rate_vs_noise", "training_curves", "subspace_neurons"] + (
-    ["refusal_vs_harmful"] if HARMLESS_EVALUATED and HARMFUL_EVALUATED else [])
+    ["refusal_vs_harmful"] if HARMLESS_EVALUATED and HARMFUL_EVALUATED else []) + (
+    ["preference_accuracy_vs_noise"] if PREFERENCES_SCORED else [])
 STATS_TABLES = ["harmful_rate.csv", "harmful_rate.md", "rates_by_judge.csv", "comparisons.csv", "comparisons.md",
-                "mcnemar_by_seed.csv", "categories.csv"]
+                "mcnemar_by_seed.csv", "categories.csv"] + (
+    ["preference_accuracy.csv", "preference_accuracy.md", "preference_comparisons.csv", "preference_comparisons.md"]
+    if PREFERENCES_SCORED else [])
 
 
 rule report_tables:
     input:
         labels=judgements("jsonl"),
         summaries=judgements("json"),
+        preference_scores=preference_scores("jsonl") if PREFERENCES_SCORED else [],
     output:
         expand("results/tables/{table}", table=STATS_TABLES),
     params:
@@ -40,7 +44,8 @@ rule report_tables:
     shell:
         "python -m workflow.stats --judgements {input.labels} --primary-judge {params.primary}"
         " --reference-method {params.reference} --n-bootstrap {params.n_boot} --ci-level {params.level}"
-        " --alpha {params.alpha} --seed {params.seed} --tables {params.folder} > {log} 2>&1"
+        " --alpha {params.alpha} --seed {params.seed} --tables {params.folder}"
+        " --preference-scores {input.preference_scores} > {log} 2>&1"
 
 
 rule report_figures:
@@ -48,10 +53,12 @@ rule report_figures:
         rates="results/tables/harmful_rate.csv",
         train_logs=expand(rules.train_policy.output.log, method=METHODS, noise=NOISES, seed=SEEDS),
         subspace=rules.select_subspace.output.summary,
+        preferences="results/tables/preference_accuracy.csv" if PREFERENCES_SCORED else [],
     output:
         expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
     params:
         scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
+        preferences=lambda wc, input: f"--preferences {input.preferences}" if input.preferences else "",
     threads: config["resources"]["report"]["threads"]
     resources:
         **rule_resources(config, "report"),
@@ -63,7 +70,7 @@ rule report_figures:
         "../envs/report.yaml"
     shell:
         "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
-        " --subspace {input.subspace} --figures results/figures {params.scatter} > {log} 2>&1"
+        " --subspace {input.subspace} --figures results/figures {params.scatter} {params.preferences} > {log} 2>&1"
 
 
 rule report:
@@ -89,6 +96,7 @@ rule report:
         figures=lambda wc, input: " ".join(f for f in input.figures if f.endswith(".png"))
         + (f" {input.reward_figure}" if "reward_figure" in input.keys() else ""),
         optional=report_optional_args,
+        preference_tables="--preference-tables" if PREFERENCES_SCORED else "",
         reference=REPORT["reference_method"],
         claim=REPORT["claim_method"],
         alpha=REPORT["alpha"],
@@ -107,5 +115,5 @@ rule report:
         " --model-provenance {input.model}/provenance.json --probe-metrics {input.probe} --subspace {input.subspace}"
         " --decontamination {input.decontamination} --benchmark-decontamination {input.benchmark_decontamination}"
         " --preferences {input.preferences}"
-        " --noise-summaries {input.noise} {params.optional}"
+        " --noise-summaries {input.noise} {params.optional} {params.preference_tables}"
         " --markdown {output.markdown} --html {output.html} > {log} 2>&1"

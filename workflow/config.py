@@ -345,6 +345,15 @@ def training_launcher(config: dict) -> str:
     return "python" if devices == 1 else f"python -m torch.distributed.run --standalone --nproc_per_node {devices}"
 
 
+def preference_beta(config: dict, method: str) -> float:
+    """β of the held-out preference margin of a model: its method preset's β; for the base model (margin 0
+    unless an SFT model is the reference) the β of report.reference_method, else of the first method."""
+    if method == "base":
+        method = config["report"]["reference_method"]
+        method = method if method in config["presets"] else config["methods"][0]
+    return float(config["presets"][method]["beta"])
+
+
 def reward_beta_r_values(config: dict) -> list[float]:
     """β_r values plotted: reward_model.beta_r_plot plus those of the reward-level methods being trained."""
     methods = [config["presets"][m]["reward_labels"]["beta_r"] for m in config["methods"]

@@ -10,7 +10,9 @@
   a colour per method, mean over seeds;
 - ``subspace_neurons``: the probe-selected neurons per layer;
 - ``refusal_vs_harmful`` (with ``--scatter``; needs an evaluated harmless benchmark): over-refusal
-  against harmful rate, a point per method and noise rate.
+  against harmful rate, a point per method and noise rate;
+- ``preference_accuracy_vs_noise`` (with ``--preferences``): held-out preference accuracy and mean margin
+  against the noise rate, a line per method, bootstrap-CI error bars, the base model as a reference line.
 """
 from __future__ import annotations
 
@@ -69,6 +71,34 @@ def plot_rates_vs_noise(rates: pd.DataFrame, stem: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("error bars: 95% bootstrap CI over prompts and seeds", fontsize=9)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def plot_preferences_vs_noise(prefs: pd.DataFrame, stem: Path) -> None:
+    """Held-out preference accuracy (left) and mean implicit reward margin (right) against the noise rate, a line
+    per method with bootstrap-CI error bars; the base model (or chance, 0.5 / 0) as a grey reference line."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), squeeze=False)
+    methods = sorted(prefs.loc[prefs.method != "base", "method"].unique())
+    noises = prefs.noise.dropna()
+    step = 0.012 * ((noises.max() - noises.min()) or 1.0) if len(noises) else 0.0
+    base = prefs[prefs.method == "base"]
+    for ax, metric, label, chance in zip(axes[0], ("accuracy", "mean_margin"),
+                                         ("held-out preference accuracy (margin > 0)", "held-out mean margin"),
+                                         (0.5, 0.0)):
+        for i, method in enumerate(methods):
+            rows = prefs[prefs.method == method].sort_values("noise")
+            yerr = np.vstack([(rows[metric] - rows[f"{metric}_ci_low"]).clip(lower=0),
+                              (rows[f"{metric}_ci_high"] - rows[metric]).clip(lower=0)])
+            ax.errorbar(rows.noise + (i - (len(methods) - 1) / 2) * step, rows[metric], yerr=np.nan_to_num(yerr),
+                        marker=MARKERS[i % 7], linestyle=DASHES[i % 4], capsize=3, label=method)
+        level = base[metric].iloc[0] if len(base) else chance
+        ax.axhline(level, color="grey", linestyle="--", label="base (untrained)" if len(base) else "chance")
+        ax.set_xlabel("noise rate ε (training labels; the held-out pairs are clean)")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("clean held-out pairs; error bars: 95% bootstrap CI over pairs and seeds", fontsize=9)
     fig.tight_layout()
     save(fig, stem)
 
@@ -185,6 +215,8 @@ def main(argv=None):
     p.add_argument("--subspace", required=True, help="results/subspace/summary.tsv")
     p.add_argument("--figures", required=True, help="output folder")
     p.add_argument("--scatter", action="store_true", help="also the over-refusal vs harmful-rate scatter")
+    p.add_argument("--preferences", help="held-out preference table (workflow.stats preference_accuracy.csv): "
+                   "also preference_accuracy_vs_noise")
     a = p.parse_args(argv)
 
     out = Path(a.figures)
@@ -194,6 +226,8 @@ def main(argv=None):
     plot_subspace(pd.read_csv(a.subspace, sep="\t"), out / "subspace_neurons")
     if a.scatter:
         plot_refusal_vs_harmful(rates, out / "refusal_vs_harmful")
+    if a.preferences:
+        plot_preferences_vs_noise(pd.read_csv(a.preferences), out / "preference_accuracy_vs_noise")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from workflow.progress import progress
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, records: list[dict], settings: dict) -> list[dict]:
+def score_pairs(model, tokenizer, records: list[dict], settings: dict, desc: str = "reference log-probs") -> list[dict]:
     """Summed answer log-probs of both answers of every pair, tokenised as in training (``settings``:
-    the training section plus ``prompt_format``)."""
+    the training section plus ``prompt_format``); ``desc`` labels the progress lines."""
     out = []
     bs = settings["batch_size"]
     starts = range(0, len(records), bs)
-    for i in progress(starts, total=len(starts), desc="reference log-probs", unit="batch"):
+    for i in progress(starts, total=len(starts), desc=desc, unit="batch"):
         chunk = records[i:i + bs]
         enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings["prompt_format"]) for r in chunk]

@@ -28,7 +28,8 @@ import yaml
 from workflow.config import fill_defaults
 from workflow.files import read_json, write_text
 from workflow.provenance import source_files
-from workflow.stats import RULE_BASED, comparisons_display, fmt_noise, main_table_wide, markdown, rates_sentence
+from workflow.stats import (RULE_BASED, comparisons_display, fmt_noise, main_table_wide, main_table_with_preferences,
+                            markdown, preference_comparisons_display, preference_display, rates_sentence)
 
 PACKAGES = ["torch", "transformers", "accelerate", "safetensors", "datasets", "gguf", "numpy", "pandas", "scipy",
             "statsmodels", "scikit-learn", "matplotlib", "snakemake"]
@@ -117,6 +118,88 @@ def claim_statement(comp: pd.DataFrame, rates: pd.DataFrame, reference: str, cla
     return " ".join(text)
 
 
+def _ci(row, digits: int = 3) -> str:
+    return f"{row['diff']:+.{digits}f} (95% CI [{row.ci_low:+.{digits}f}, {row.ci_high:+.{digits}f}])"
+
+
+def _mdd_range(values: pd.Series) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "not estimable (no comparison had a non-zero paired variance)"
+    text = f"{v.median():.3f}" if len(v) == 1 or v.min() == v.max() else \
+        f"{v.median():.3f} (median; {v.min():.3f}–{v.max():.3f} over {len(v)} comparisons)"
+    missing = int(values.isna().sum())
+    return text + (f"; {missing} comparison(s) with no discordant pair left out" if missing else "")
+
+
+def preconditions_statement(pref_comp: pd.DataFrame, comp: pd.DataFrame, reference: str) -> list[str]:
+    """The three statements the default run must answer, from the held-out preference comparisons (and the
+    harmful-rate comparisons for the detectable difference):
+
+    1. training works: the reference method at the lowest noise rate against the base model, on held-out
+       preference accuracy (shown when the 95% CI of the paired difference lies above 0);
+    2. noise matters: the reference method at each higher noise rate against its lowest-noise self on the
+       clean held-out pairs (shown when the CI of the accuracy difference lies below 0);
+    3. each method against the reference method at each noise rate, with the smallest difference the run
+       could detect at 80% power (``mdd80``) for the preference metric and the harmful rates.
+    """
+    out = []
+    acc = pref_comp[pref_comp.metric == "accuracy"]
+    margin = pref_comp[pref_comp.metric == "mean_margin"]
+
+    def margin_of(row):
+        m = margin[(margin.comparison == row.comparison) & (margin.method == row.method) & (margin.noise == row.noise)]
+        return "" if m.empty else f"; mean margin {m.iloc[0].value_vs:.3f} → {m.iloc[0].value:.3f}, difference {_ci(m.iloc[0])}"
+
+    train = acc[acc.comparison == "training"]
+    if train.empty:
+        out.append(f"1. Training works: not tested ({reference!r} or the base model was not scored on held-out pairs).")
+    else:
+        r = train.iloc[0]
+        verdict = ("shown" if r.ci_low > 0 else "not shown: the policy prefers the rejected answers more than the base "
+                   "model does" if r.ci_high < 0 else "not shown")
+        out.append(f"1. Training works — {verdict}. {reference} at ε = {r.noise:g} against the base model on "
+                   f"{int(r.pairs)} clean held-out pairs: preference accuracy {r.value_vs:.3f} → {r.value:.3f}, "
+                   f"difference {_ci(r)}{margin_of(r)}. Training counts as working when the 95% paired-bootstrap CI "
+                   "of the accuracy difference from the base model lies above 0; without an SFT stage the base model "
+                   "is the reference itself (every margin 0, accuracy 0.5 by construction), so this is the CI of "
+                   f"{reference}'s held-out accuracy excluding 0.5.")
+    noise = acc[acc.comparison == "noise"]
+    if noise.empty:
+        out.append(f"2. Noise matters: not tested (needs {reference} at two noise rates).")
+    else:
+        parts, shown = [], []
+        for _, r in noise.iterrows():
+            shown.append(r.ci_high < 0)
+            parts.append(f"ε = {r.noise:g} against ε = {r.vs_noise:g}: accuracy {r.value_vs:.3f} → {r.value:.3f}, "
+                         f"difference {_ci(r)}{margin_of(r)}")
+        verdict = "shown" if all(shown) else "shown at some noise rates" if any(shown) else "not shown"
+        out.append(f"2. Noise matters — {verdict}. {reference} trained with flipped labels, scored on the same clean "
+                   f"held-out pairs (paired): " + "; ".join(parts) + ". Noise counts as mattering when the 95% CI of "
+                   "the accuracy difference lies below 0.")
+    methods = acc[acc.comparison == "method"]
+    if methods.empty:
+        out.append(f"3. Methods compared with {reference}: none (no other method was trained).")
+    else:
+        cells = []
+        for _, r in methods.iterrows():
+            cells.append(f"{r.method} at ε = {r.noise:g}: accuracy {r.value_vs:.3f} → {r.value:.3f}, difference {_ci(r)}, "
+                         f"Holm p = {r.p_holm:.2g}{margin_of(r)}")
+        sig = methods[methods.significant.astype(bool)]
+        harmful = comp[comp.kind == "harmful"] if len(comp) else comp
+        text = (f"3. Each method against {reference} at the same noise rate, paired on the held-out pairs: "
+                + "; ".join(cells) + ". "
+                + (f"{len(sig)} of {len(methods)} accuracy differences are significant after Holm's correction "
+                   "(over the method comparisons of both preference metrics). ")
+                + "The smallest difference this run could detect (80% power, two-sided α = 0.05 unadjusted, "
+                f"(z₀.₉₇₅ + z₀.₈)·SE of the paired difference; docs/statistics.md): held-out accuracy "
+                f"{_mdd_range(methods.mdd80)}; mean margin {_mdd_range(margin[margin.comparison == 'method'].mdd80)}")
+        if len(harmful) and "mdd80" in harmful:
+            text += f"; harmful rates {_mdd_range(harmful.mdd80)}"
+        out.append(text + ".")
+    return out
+
+
 # --------------------------------------------------------------------------------------------- rendering
 class Document:
     """Blocks rendered both as markdown and as one self-contained HTML page."""
@@ -198,6 +281,9 @@ FIGURE_CAPTIONS = {
     "refusal_vs_harmful": "Over-refusal (refusal rate on harmless prompts) against harmful rate (the axes name "
                           "what each measures), per method and noise rate",
     "reward_soft_labels": "Reward-level: distribution of reward differences and the soft labels they give",
+    "preference_accuracy_vs_noise": "Held-out preference accuracy (left) and mean implicit reward margin (right) on "
+                                    "the clean held-out pairs against the training noise rate, per method; error bars: "
+                                    "95% bootstrap CI over pairs and seeds; grey: base model",
 }
 
 
@@ -268,16 +354,41 @@ def build(a) -> Document:
 
     primary_type = config["judges"][judges[0]]["type"]
     caveat = refusal_caveat(judges[0], primary_type)
+    prefs = pref_comp = None
+    if a.preference_tables:
+        prefs = pd.read_csv(tables / "preference_accuracy.csv")
+        pref_comp = pd.read_csv(tables / "preference_comparisons.csv")
     doc.heading("What the numbers say")
+    if pref_comp is not None:
+        doc.text("Held-out preference accuracy: on clean held-out preference pairs (never trained on, never "
+                 "flipped), the share of pairs whose implicit reward margin β·[(log π − log π_ref)(chosen) − "
+                 "(log π − log π_ref)(rejected)] is positive (a tie counts half), with π_ref the start model.")
+        for sentence in preconditions_statement(pref_comp, comp, reference):
+            doc.text(sentence)
     doc.text(caveat + claim_statement(comp, rates, reference, claim_method, alpha))
 
     doc.heading("Main table")
     doc.text(f"Primary judge {judges[0]} (type {primary_type}). {rates_sentence(rates)}")
-    doc.table(main_table_wide(rates), "Columns are 'benchmark: what the rate measures'; mean ± std over seeds "
-              f"[{rep['ci_level']:.0%} bootstrap CI over prompts and seeds].")
+    doc.table(main_table_with_preferences(main_table_wide(rates), prefs),
+              "Columns are 'benchmark: what the rate measures'; mean ± std over seeds "
+              f"[{rep['ci_level']:.0%} bootstrap CI over prompts and seeds]"
+              + ("; the last two: held-out preference accuracy and mean margin [CI over pairs and seeds]."
+                 if prefs is not None else "."))
     note = generation_note(rates, config["evaluation"])
     if note:
         doc.text(note)
+
+    if prefs is not None:
+        doc.heading("Held-out preference accuracy")
+        doc.table(preference_display(prefs), "Clean held-out pairs: accuracy (margin > 0, ties half) and mean "
+                  f"implicit reward margin [{rep['ci_level']:.0%} bootstrap CI over pairs and seeds].")
+        doc.table(preference_comparisons_display(pref_comp),
+                  "Paired on the same held-out pairs and seeds (diff = model − vs). training: the reference method "
+                  "at the lowest noise rate vs the base model; noise: the reference method at a higher noise rate vs "
+                  "at the lowest; method: each method vs the reference method at the same noise rate. p (Holm): "
+                  "adjusted over the method rows (both metrics), a family separate from the harmful-rate comparisons; "
+                  "the training and noise rows are single pre-specified tests judged by their CI. MDD: minimum "
+                  "detectable difference at 80% power, (z₀.₉₇₅ + z₀.₈)·SE.")
 
     doc.heading(f"Comparisons with {reference}")
     doc.text(f"Each method against {reference} at the same noise rate, paired on the same prompts and seeds. "
@@ -371,6 +482,9 @@ def main(argv=None):
     p.add_argument("--noise-summaries", nargs="+", required=True)
     p.add_argument("--judge-agreement", help="results/tables/judge_agreement.csv (with two judges or more)")
     p.add_argument("--reward-metrics", help="results/reward/metrics.json (reward-level methods)")
+    p.add_argument("--preference-tables", action="store_true",
+                   help="the tables folder has the held-out preference tables (preference_accuracy.csv, "
+                        "preference_comparisons.csv): report them and the three preconditions")
     p.add_argument("--markdown", required=True)
     p.add_argument("--html", required=True)
     a = p.parse_args(argv)

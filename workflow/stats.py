@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
@@ -183,7 +184,18 @@ def paired_bootstrap(reference, other, n_boot: int = 2000, level: float = 0.95, 
     else:
         tail = min((draws <= 0).sum(), (draws >= 0).sum())
         p = min(1.0, 2 * (tail + 1) / (len(draws) + 1))
-    return {"diff": diff, "ci_low": float(lo), "ci_high": float(hi), "p": float(p)}
+    se = float(np.std(draws, ddof=1)) if draws.size > 1 else math.nan
+    return {"diff": diff, "ci_low": float(lo), "ci_high": float(hi), "p": float(p), "se": se}
+
+
+def minimum_detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true difference a two-sided level-``alpha`` test detects with probability ``power``:
+    (z_{1−α/2} + z_{power})·SE, SE the standard error of the paired difference (for one seed of 0/1
+    outcomes on n prompts SE = √((p₁₀ + p₀₁ − (p₁₀ − p₀₁)²)/n), p₁₀, p₀₁ the discordant shares). A
+    zero SE (no discordant pair) estimates nothing: NaN."""
+    if se is None or math.isnan(se) or se <= 0:
+        return math.nan
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
 
 
 def mcnemar_test(reference, other) -> dict:
@@ -297,13 +309,14 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
                                metric_label=cell["metric_label"].iloc[0],
                                rate_reference=float(np.nanmean(a)), rate_method=float(np.nanmean(b)),
                                diff=boot["diff"], ci_low=boot["ci_low"], ci_high=boot["ci_high"],
-                               p_bootstrap=boot["p"], seeds=len(seeds), prompts=len(ids),
+                               p_bootstrap=boot["p"], se=boot["se"],
+                               mdd80=minimum_detectable_difference(boot["se"], alpha), seeds=len(seeds), prompts=len(ids),
                                mcnemar_p_min=min(t["p"] for t in tests) if tests else math.nan,
                                discordant=sum(t["b"] + t["c"] for t in tests) if tests else math.nan))
     cols = ["judge", "method", "reference", "noise", "benchmark", "kind", "metric", "metric_label", "rate_reference",
             "rate_method",
             "diff", "ci_low", "ci_high", "p_bootstrap", "p_holm", "mcnemar_p_min", "mcnemar_p_holm", "significant",
-            "mark", "seeds", "prompts", "discordant"]
+            "mark", "se", "mdd80", "seeds", "prompts", "discordant"]
     table = pd.DataFrame(pooled)
     seed_table = pd.DataFrame(by_seed, columns=["judge", "method", "reference", "noise", "benchmark", "seed", "b",
                                                 "c", "n", "statistic", "p", "exact"])
@@ -331,6 +344,130 @@ def category_table(data: pd.DataFrame) -> pd.DataFrame:
                 .agg(rate=("outcome", "mean"), prompts=("id", "nunique")).reset_index())
     return (per_seed.groupby([*CELL, "category"], dropna=False)
             .agg(rate=("rate", "mean"), prompts=("prompts", "first"), seeds=("seed", "size")).reset_index())
+
+
+# ------------------------------------------------------------------------ held-out preference metric
+# Per clean held-out pair (workflow.score_preferences): the implicit reward margin and whether it is positive
+# ("correct": 1, 0, and 0.5 for a tie, so an unchanged model scores 0.5). Both are paired across models by
+# pair id, so every difference below is paired on the same pairs (and the same seeds).
+PREFERENCE_METRICS = {"accuracy": "correct", "mean_margin": "margin"}
+
+
+def load_preference_scores(paths: list[str]) -> pd.DataFrame:
+    """One row per model and held-out pair: method, noise, seed, id (pair id), margin, correct."""
+    frames = []
+    for path in paths:
+        rows = read_jsonl(path)
+        if not rows:
+            raise ValueError(f"{path}: no scored pairs")
+        for i, r in enumerate(rows):
+            missing = {"pair_id", "method", "margin", "correct"} - set(r)
+            if missing:
+                raise ValueError(f"{path}: row {i} has no {sorted(missing)} (expected workflow.score_preferences rows)")
+            if not math.isfinite(r["margin"]):
+                raise ValueError(f"{path}: row {i} (pair {r['pair_id']!r}): margin {r['margin']} is not finite")
+        frames.append(pd.DataFrame({"method": [r["method"] for r in rows], "noise": [r.get("noise") for r in rows],
+                                    "seed": [r.get("seed") for r in rows], "id": [r["pair_id"] for r in rows],
+                                    "margin": [float(r["margin"]) for r in rows],
+                                    "correct": [float(r["correct"]) for r in rows]}))
+    if not frames:
+        raise ValueError("no preference score files given")
+    data = pd.concat(frames, ignore_index=True)
+    data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
+    data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
+    return data
+
+
+def _model_cell(data: pd.DataFrame, method: str, noise) -> pd.DataFrame:
+    rows = data[data.method == method]
+    return rows[rows.noise.isna()] if noise is None or pd.isna(noise) else rows[np.isclose(rows.noise, noise)]
+
+
+def preference_table(data: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.DataFrame:
+    """Per method x noise: held-out accuracy and mean margin (mean and std over seeds, bootstrap CI over pairs
+    and seeds), the number of pairs and seeds. The base model first."""
+    rows = []
+    for (method, noise), cell in data.groupby(["method", "noise"], dropna=False, sort=False):
+        row = {"method": method, "noise": noise}
+        for metric, column in PREFERENCE_METRICS.items():
+            by_seed = cell.groupby("seed", dropna=False)[column].mean()
+            lo, hi = bootstrap_ci(outcome_matrix(cell, column), n_boot, level,
+                                  _cell_seed(("preferences", metric, method, noise), n_boot, seed))
+            row |= {metric: float(by_seed.mean()), f"{metric}_std": float(by_seed.std(ddof=1)) if len(by_seed) > 1
+                    else 0.0, f"{metric}_ci_low": lo, f"{metric}_ci_high": hi}
+        rows.append(row | {"ties": int((cell.margin == 0).sum()), "pairs": int(cell["id"].nunique()),
+                           "seeds": int(cell["seed"].nunique()) if cell["seed"].notna().any() else 1})
+    table = pd.DataFrame(rows)
+    return (table.assign(_o=table.method.ne("base")).sort_values(["_o", "method", "noise"])
+            .drop(columns="_o").reset_index(drop=True))
+
+
+def _paired_matrices(first: pd.DataFrame, second: pd.DataFrame, column: str, what: str):
+    """seeds x pairs matrices of two models on the same pairs and seeds; a model without seeds (the base
+    model) is repeated for every seed of the other."""
+    ids = sorted(first["id"].unique())
+    if set(second["id"]) != set(ids):
+        raise ValueError(f"preference comparison {what}: the held-out pair ids differ; rescore both models")
+    a, b = outcome_matrix(first, column, ids), outcome_matrix(second, column, ids)
+    if first["seed"].notna().any() and second["seed"].notna().any():
+        seeds = sorted(set(first["seed"].dropna()) & set(second["seed"].dropna()))
+        if not seeds:
+            raise ValueError(f"preference comparison {what}: no seed in common")
+        a = outcome_matrix(first[first.seed.isin(seeds)], column, ids)
+        b = outcome_matrix(second[second.seed.isin(seeds)], column, ids)
+    elif len(a) != len(b):
+        a, b = (np.repeat(a, len(b), 0), b) if len(a) == 1 else (a, np.repeat(b, len(a), 0))
+    return a, b, len(ids)
+
+
+def preference_comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, seed: int,
+                           alpha: float = 0.05) -> pd.DataFrame:
+    """Paired comparisons on the held-out pairs, for accuracy and mean margin (diff = model − baseline):
+
+    - ``training``: the reference method at the lowest noise rate vs the base model (does training move
+      held-out preferences at all?);
+    - ``noise``: the reference method at each higher noise rate vs itself at the lowest one (does label
+      noise hurt on clean pairs?);
+    - ``method``: every other method vs the reference method at the same noise rate.
+
+    Each row: the difference, its paired-bootstrap CI and p (pairs and seeds resampled together), the
+    bootstrap SE and the minimum detectable difference at 80 % power (``mdd80``). Holm's correction
+    (``p_holm``) runs over the ``method`` rows only (all methods, noise rates and both metrics: one family,
+    separate from the harmful-rate comparisons); the two preconditions are single pre-specified tests, reported
+    unadjusted.
+    """
+    trained = data[data.method.ne("base")]
+    ref_noises = sorted(trained.loc[trained.method == reference, "noise"].dropna().unique())
+    plan = []  # (kind, method, noise, baseline method, baseline noise)
+    if ref_noises and (data.method == "base").any():
+        plan.append(("training", reference, ref_noises[0], "base", None))
+    plan += [("noise", reference, n, reference, ref_noises[0]) for n in ref_noises[1:]]
+    for noise in ref_noises:
+        for method in sorted(set(trained.loc[np.isclose(trained.noise, noise), "method"]) - {reference}):
+            plan.append(("method", method, noise, reference, noise))
+    rows = []
+    for kind, method, noise, base_method, base_noise in plan:
+        first, second = _model_cell(data, base_method, base_noise), _model_cell(data, method, noise)
+        what = f"{method}@{noise:g} vs {base_method}" + ("" if base_noise is None else f"@{base_noise:g}")
+        for metric, column in PREFERENCE_METRICS.items():
+            a, b, n_pairs = _paired_matrices(first, second, column, what)
+            boot = paired_bootstrap(a, b, n_boot, level, _cell_seed(("pref", kind, metric, method, noise), n_boot, seed))
+            rows.append({"comparison": kind, "method": method, "noise": noise, "vs_method": base_method,
+                         "vs_noise": base_noise, "metric": metric, "value_vs": float(np.nanmean(a)),
+                         "value": float(np.nanmean(b)), "diff": boot["diff"], "ci_low": boot["ci_low"],
+                         "ci_high": boot["ci_high"], "p_bootstrap": boot["p"], "se": boot["se"],
+                         "mdd80": minimum_detectable_difference(boot["se"], alpha), "pairs": n_pairs, "seeds": len(a)})
+    cols = ["comparison", "method", "noise", "vs_method", "vs_noise", "metric", "value_vs", "value", "diff", "ci_low",
+            "ci_high", "p_bootstrap", "p_holm", "significant", "mark", "se", "mdd80", "pairs", "seeds"]
+    table = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_holm", "significant", "mark")])
+    table["p_holm"] = np.nan
+    family = table.comparison == "method"
+    if family.any():
+        table.loc[family, "p_holm"] = holm(table.loc[family, "p_bootstrap"])
+    # the preconditions are judged by their CI (unadjusted); the method family by its Holm-adjusted p
+    table["significant"] = np.where(family, table.p_holm < alpha, (table.ci_low > 0) | (table.ci_high < 0))
+    table["mark"] = [significance_mark(p) if f else "" for p, f in zip(table.p_holm, family)]
+    return table[cols]
 
 
 # ------------------------------------------------------------------------------------------- markdown
@@ -377,10 +514,12 @@ def rates_sentence(table: pd.DataFrame) -> str:
     return text + ". Over-refusal benchmarks: the share of answers with a refusal phrase (refusal markers)."
 
 
-def main_table_markdown(table: pd.DataFrame, level: float) -> str:
+def main_table_markdown(table: pd.DataFrame, level: float, preferences: pd.DataFrame | None = None) -> str:
     seeds = int(table.loc[table.method.ne("base"), "seeds"].max()) if table.method.ne("base").any() else 1
+    pref = ("" if preferences is None else " The last two columns: held-out preference accuracy and mean "
+            "implicit reward margin on the clean held-out pairs [CI over pairs and seeds].")
     return (f"{rates_sentence(table)} Mean ± std over {seeds} seed(s) per trained cell, [{level:.0%} bootstrap "
-            "CI over prompts and seeds]\n\n" + markdown(main_table_wide(table)))
+            f"CI over prompts and seeds].{pref}\n\n" + markdown(main_table_with_preferences(main_table_wide(table), preferences)))
 
 
 def comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -397,6 +536,52 @@ def comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
         "p": table["p_bootstrap"].map(lambda p: f"{p:.3g}"), "p (Holm)": table["p_holm"].map(lambda p: f"{p:.3g}"),
         "McNemar p (min over seeds)": table["mcnemar_p_min"].map(lambda p: f"{p:.3g}"),
         "sig.": table["mark"],
+    })
+
+
+PREFERENCE_LABEL = {"accuracy": "held-out preference accuracy", "mean_margin": "held-out mean margin"}
+
+
+def _value_ci(value, lo, hi, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+
+
+def preference_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The preference table as shown: accuracy and mean margin with CIs (± std over seeds with several)."""
+    def cell(r, metric):
+        std = f" ± {r[f'{metric}_std']:.3f}" if r.seeds > 1 else ""
+        return _value_ci(r[metric], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]).replace(" [", std + " [", 1)
+    return pd.DataFrame({"method": table.method, "noise": table.noise.map(fmt_noise),
+                         **{PREFERENCE_LABEL[m]: [cell(r, m) for _, r in table.iterrows()] for m in PREFERENCE_METRICS},
+                         "pairs": table.pairs, "seeds": table.seeds})
+
+
+def main_table_with_preferences(wide: pd.DataFrame, preferences: pd.DataFrame | None) -> pd.DataFrame:
+    """The main table (``main_table_wide``) with the held-out preference accuracy and mean margin beside the
+    rates, matched on method and noise rate."""
+    if preferences is None or preferences.empty:
+        return wide
+    shown = preference_display(preferences).drop(columns=["pairs", "seeds"])
+    return wide.merge(shown, on=["method", "noise"], how="outer", sort=False)
+
+
+def preference_comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The preference comparisons as shown in the report."""
+    if table.empty:
+        return pd.DataFrame(columns=["comparison", "model", "vs", "metric", "value", "diff [CI]", "p", "p (Holm)",
+                                     "MDD (80% power)", "sig."])
+    def name(m, n):
+        return m if n is None or pd.isna(n) else f"{m} ε={n:g}"
+    return pd.DataFrame({
+        "comparison": table.comparison, "model": [name(m, n) for m, n in zip(table.method, table.noise)],
+        "vs": [name(m, n) for m, n in zip(table.vs_method, table.vs_noise)], "metric": table.metric.map(PREFERENCE_LABEL),
+        "value": [f"{a:.3f} → {b:.3f}" for a, b in zip(table.value_vs, table.value)],
+        "diff [CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(table["diff"], table.ci_low, table.ci_high)],
+        "p": table.p_bootstrap.map(lambda p: f"{p:.3g}"),
+        "p (Holm)": table.p_holm.map(lambda p: "" if pd.isna(p) else f"{p:.3g}"),
+        "MDD (80% power)": table.mdd80.map(lambda x: "—" if pd.isna(x) else f"{x:.3f}"),
+        "sig.": [m if k == "method" else ("CI excludes 0" if s else "") for k, m, s in
+                 zip(table.comparison, table["mark"], table.significant)],
     })
 
 
@@ -417,6 +602,8 @@ def main(argv=None):
                    help="significance level after Holm's correction")
     p.add_argument("--seed", type=int, default=schema_default("report/seed"), help="seed of every bootstrap")
     p.add_argument("--tables", required=True, help="output folder of the tables")
+    p.add_argument("--preference-scores", nargs="*", default=[],
+                   help="held-out preference scores (workflow.score_preferences .jsonl), one file per model")
     a = p.parse_args(argv)
 
     data = load_judgements(a.judgements)
@@ -426,8 +613,19 @@ def main(argv=None):
     rates = rate_table(data, a.n_bootstrap, a.ci_level, a.seed)
     main_rates = rates[rates["judge"] == a.primary_judge].drop(columns="judge")
     pooled, by_seed = comparisons(data, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha)
+    prefs = pref_comp = None
+    if a.preference_scores:
+        scores = load_preference_scores(a.preference_scores)
+        prefs = preference_table(scores, a.n_bootstrap, a.ci_level, a.seed)
+        pref_comp = preference_comparisons(scores, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha)
+        write_csv(prefs, out / "preference_accuracy.csv")
+        write_text(out / "preference_accuracy.md", markdown(preference_display(prefs)))
+        write_csv(pref_comp, out / "preference_comparisons.csv")
+        write_text(out / "preference_comparisons.md", markdown(preference_comparisons_display(pref_comp)))
+        print(markdown(preference_display(prefs)))
+        print(markdown(preference_comparisons_display(pref_comp)))
     write_csv(main_rates, out / "harmful_rate.csv")
-    write_text(out / "harmful_rate.md", main_table_markdown(main_rates, a.ci_level))
+    write_text(out / "harmful_rate.md", main_table_markdown(main_rates, a.ci_level, prefs))
     write_csv(rates, out / "rates_by_judge.csv")
     write_csv(pooled, out / "comparisons.csv")
     write_text(out / "comparisons.md", markdown(comparisons_display(pooled[pooled["judge"] == a.primary_judge])))

@@ -51,6 +51,9 @@ from workflow.sharpness import perturbed_set
 from workflow.train_step import LOG_COLUMNS, Trainer, train_step
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def attach_reference(records: list[dict], reference_rows: list[dict], path: str) -> None:
     """Add ``ref_chosen``/``ref_rejected`` to each record, looked up by pair id and answer text."""
     by_id = {r["pair_id"]: r["logps"] for r in reference_rows}
@@ -243,9 +246,10 @@ def main(argv=None):
     if settings.get("lora"):
         model = apply_lora(model, settings["lora"])
     inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace, a.rewards) if f]
-    # settings that do not change the result (how often to save, where to log) do not invalidate a checkpoint
-    key = fingerprint(method, {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to")},
-                      a.seed, inputs, str(Path(a.model).resolve()))
+    # settings that do not change the training (how often to save, where to log, the saved dtype) do not
+    # invalidate a checkpoint
+    kept = {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to", "save_dtype")}
+    key = fingerprint(method, kept, a.seed, inputs, str(Path(a.model).resolve()))
     checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"], key)
     parallel = DataParallel(settings["precision"])
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
@@ -256,6 +260,8 @@ def main(argv=None):
 
     if settings.get("lora"):
         model = model.merge_and_unload()  # downstream stages load an ordinary model
+    if settings["save_dtype"] != "fp32":  # rounds every weight (training.save_dtype; docs/sizing.md)
+        model = model.to(SAVE_DTYPES[settings["save_dtype"]])
     with atomic_dir(a.output) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(a.model).save_pretrained(tmp)

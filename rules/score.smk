@@ -1,0 +1,76 @@
+# Held-out preference scoring (forward passes only): the start model's log-probs of the clean held-out
+# pairs once, then every model's implicit reward margin on them (workflow/score_preferences.py).
+from workflow.config import preference_beta
+
+PREFERENCES_SCORED = config["preferences"]["n_heldout"] > 0  # no held-out pairs: no stage, no table
+
+
+def preference_scores(ext):
+    """Every model's held-out preference scores (ext "jsonl": per pair, "json": summary)."""
+    return expand("results/preference_scores/{model}.{ext}", model=["base"] + POLICIES, ext=ext)
+
+
+def model_labels(wildcards):
+    """method, noise rate and seed of the {model} wildcard (the base model: method base, no noise, no seed)."""
+    if wildcards.model == "base":
+        return {"method": "base", "noise": None, "seed": None}
+    method, noise, seed = wildcards.model.split("/")
+    return {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):])}
+
+
+def score_model_input(wildcards):
+    """The model to score; none when it is the reference itself (the base model without an SFT stage)."""
+    return {} if model_dir(wildcards) == start_model() else {"model": model_dir(wildcards)}
+
+
+rule reference_logps_heldout:
+    input:
+        model=start_model(),
+        pairs=rules.prepare_preferences.output.heldout,
+    output:
+        logps="results/data/preferences/heldout_reference_logps.jsonl",
+    params:
+        settings=as_json({k: config["training"][k] for k in TRAINING_KEYS}),
+        prompt_format=config["model"]["prompt_format"],
+    threads: config["resources"]["reference_logps"]["threads"]
+    resources:
+        **rule_resources(config, "reference_logps"),
+    log:
+        "results/logs/reference_logps_heldout.log",
+    benchmark:
+        "results/benchmarks/reference_logps_heldout.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.reference_logps --model {input.model} --pairs {input.pairs}"
+        " --training-json {params.settings} --prompt-format {params.prompt_format} --threads {threads}"
+        " --output {output.logps} > {log} 2>&1"
+
+
+rule score_preferences:
+    input:
+        unpack(score_model_input),
+        pairs=rules.prepare_preferences.output.heldout,
+        reference=rules.reference_logps_heldout.output.logps,
+    output:
+        scores="results/preference_scores/{model}.jsonl",
+        summary="results/preference_scores/{model}.json",
+    params:
+        model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
+        beta=lambda wc: preference_beta(config, model_labels(wc)["method"]),
+        tags=lambda wc: as_json(model_labels(wc)),
+        settings=as_json({k: config["training"][k] for k in TRAINING_KEYS}),
+        prompt_format=config["model"]["prompt_format"],
+    threads: config["resources"]["reference_logps"]["threads"]
+    resources:
+        **rule_resources(config, "reference_logps"),
+    log:
+        "results/logs/score_preferences/{model}.log",
+    benchmark:
+        "results/benchmarks/score_preferences/{model}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.score_preferences --pairs {input.pairs} --reference {input.reference} {params.model}"
+        " --beta {params.beta} --training-json {params.settings} --prompt-format {params.prompt_format}"
+        " --tags-json {params.tags} --threads {threads} --output {output.scores} --summary {output.summary} > {log} 2>&1"
