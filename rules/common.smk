@@ -1,5 +1,4 @@
 # Config validation (workflow/config.py), wildcard constraints and the input functions of the rule files.
-import json
 import os
 import re
 import shlex
@@ -9,8 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
-from workflow.config import ConfigError, is_workflow_output, params_json, validate_config  # noqa: E402
-from workflow.config import generation_args as config_generation_args  # noqa: E402
+from workflow.config import ConfigError, generation_args, is_workflow_output, params_json, validate_config  # noqa: E402
 from workflow.config import reads_subspace, reward_beta_r_values, rule_resources, training_launcher, uses_reward  # noqa: E402
 from workflow.locks import clear_stale_locks, record_owner  # noqa: E402
 
@@ -98,11 +96,6 @@ def exclusion_args(wildcards, input):
     return " ".join(f"--exclude {n}={shlex.quote(p)}" for n, p in zip(names, input.excluded))
 
 
-def generation_args():
-    """Decoding options of workflow.generate (workflow/config.py generation_args)."""
-    return config_generation_args(config)
-
-
 def judge_group(judge):
     """Resource group of a judge: rule-based (type refusal_markers) or a language model (llm_judge)."""
     return "judge" if config["judges"][judge]["type"] == "refusal_markers" else "llm_judge"
@@ -117,13 +110,17 @@ def judge_resources():
     return {k: (lambda wc, k=k: config["resources"][judge_group(wc.judge)][k]) for k in ("mem_mb", "runtime", "gpu")}
 
 
-def model_tags(wildcards):
-    """method/noise/seed/benchmark/kind of a {model}/{benchmark} pair, copied into the judge summary."""
-    tags = {"benchmark": wildcards.benchmark, "kind": config["benchmarks"][wildcards.benchmark]["kind"]}
+def model_labels(wildcards):
+    """method, noise rate and seed of the {model} wildcard (the base model: method base, no noise, no seed)."""
     if wildcards.model == "base":
-        return tags | {"method": "base", "noise": None, "seed": None}
+        return {"method": "base", "noise": None, "seed": None}
     method, noise, seed = wildcards.model.split("/")
-    return tags | {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):])}
+    return {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):])}
+
+
+def model_tags(wildcards):
+    """model_labels plus benchmark and kind of a {model}/{benchmark} pair, copied into the judge summary."""
+    return model_labels(wildcards) | {"benchmark": wildcards.benchmark, "kind": config["benchmarks"][wildcards.benchmark]["kind"]}
 
 
 def judgements(ext, judges=None):

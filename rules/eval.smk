@@ -12,7 +12,7 @@ rule generate:
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         batch_size=config["evaluation"]["batch_size"],
         prompt_format=config["model"]["prompt_format"],
-        decoding=generation_args(),
+        decoding=generation_args(config),
     threads: config["resources"]["generate"]["threads"]
     resources:
         **rule_resources(config, "generate"),

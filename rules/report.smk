@@ -21,7 +21,7 @@ rule report_tables:
     input:
         labels=judgements("jsonl"),
         summaries=judgements("json"),
-        preference_scores=preference_scores("jsonl") if PREFERENCES_SCORED else [],
+        preference_scores=expand("results/preference_scores/{model}.jsonl", model=["base"] + POLICIES) if PREFERENCES_SCORED else [],
     output:
         expand("results/tables/{table}", table=STATS_TABLES),
     params:

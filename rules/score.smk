@@ -5,24 +5,6 @@ from workflow.config import preference_beta
 PREFERENCES_SCORED = config["preferences"]["n_heldout"] > 0  # no held-out pairs: no stage, no table
 
 
-def preference_scores(ext):
-    """Every model's held-out preference scores (ext "jsonl": per pair, "json": summary)."""
-    return expand("results/preference_scores/{model}.{ext}", model=["base"] + POLICIES, ext=ext)
-
-
-def model_labels(wildcards):
-    """method, noise rate and seed of the {model} wildcard (the base model: method base, no noise, no seed)."""
-    if wildcards.model == "base":
-        return {"method": "base", "noise": None, "seed": None}
-    method, noise, seed = wildcards.model.split("/")
-    return {"method": method, "noise": NOISE_RATE[noise[len("noise"):]], "seed": int(seed[len("seed"):])}
-
-
-def score_model_input(wildcards):
-    """The model to score; none when it is the reference itself (the base model without an SFT stage)."""
-    return {} if model_dir(wildcards) == start_model() else {"model": model_dir(wildcards)}
-
-
 rule reference_logps_heldout:
     input:
         model=start_model(),
@@ -49,7 +31,8 @@ rule reference_logps_heldout:
 
 rule score_preferences:
     input:
-        unpack(score_model_input),
+        # the model to score; none when it is the reference itself (the base model without an SFT stage)
+        unpack(lambda wc: {} if model_dir(wc) == start_model() else {"model": model_dir(wc)}),
         pairs=rules.prepare_preferences.output.heldout,
         reference=rules.reference_logps_heldout.output.logps,
     output:

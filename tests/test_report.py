@@ -37,11 +37,12 @@ def test_report_renders_from_the_tiny_run(reference_run):
     for section in SECTIONS:
         assert f"## {section}\n" in md and f">{section}</h2>" in page, section
     # every figure: a PNG that PIL and matplotlib read, a PDF beside it, linked from report.md, embedded in the page
-    for name in ("harmful_rate_vs_noise", "training_curves", "subspace_neurons"):
+    names = ("harmful_rate_vs_noise", "training_curves", "subspace_neurons", "preference_accuracy_vs_noise")
+    for name in names:
         assert_valid_png(workdir / f"results/figures/{name}.png")
         assert (workdir / f"results/figures/{name}.pdf").read_bytes().startswith(b"%PDF")
         assert f"](figures/{name}.png)" in md and f"(figures/{name}.pdf)" in md
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == len(names)
     assert not (workdir / "results/figures/refusal_vs_harmful.png").exists()  # no over-refusal benchmark here
     # the main table and the comparisons, from the numbers: the tiny model never refuses, so nothing differs
     assert "| shapo | 0.25 | 1.000 ± 0.000 [1.00, 1.00] |" not in md  # one seed: no ± std
