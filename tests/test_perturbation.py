@@ -244,7 +244,7 @@ def test_raw_step_is_inert_in_bf16_and_the_normalized_step_is_effective(realisti
     row = summarise(logs, {"m": raw, "dpo": preset(loss="dpo", beta=0.1)}, ["m"], *thresholds).iloc[0]
     assert row.verdict == "inert" and row.base == "dpo", row.statement
     assert row.effective_fraction < 1e-3 and row.cosine_gap < 1e-6
-    assert "m: inert" in row.statement and "it trains as dpo" in row.statement
+    assert row.statement.startswith("m is inert:") and "it trains as dpo" in row.statement
 
     normalized, logs = train_logged(realistic_tiny_dir, {"perturbation": "normalized", "rho": 0.05}, "bf16")
     assert logs.move_norm.to_numpy() == pytest.approx(0.05, rel=1e-6)
@@ -281,9 +281,52 @@ def test_verdict_threshold_and_statement_follow_the_numbers():
     assert table.verdict.to_dict() == {"shapo": "inert", "drshapo": "inert", "strong": "effective", "late": "no step"}
     assert table.loc["strong", "delta_loss"] == pytest.approx(0.02)
     assert table.loc["strong", "cosine_gap"] == pytest.approx(2e-4)
-    assert "drshapo: inert" in table.loc["drshapo", "statement"] and "trains as drdpo" in table.loc["drshapo", "statement"]
-    assert table.loc["strong", "statement"].startswith("strong: effective")
+    assert "drshapo is inert" in table.loc["drshapo", "statement"] and "trains as drdpo" in table.loc["drshapo", "statement"]
+    assert table.loc["strong", "statement"].startswith("strong is effective:")
     assert "took no sharpness-aware step" in table.loc["late", "statement"]
     # the thresholds are the config's: a stricter fraction threshold alone does not make shapo effective
     assert is_inert(0.0, 1e-3, 1e-3, 1e-6) and is_inert(0.5, 1e-9, 1e-3, 1e-6)
     assert not is_inert(0.5, 1e-3, 1e-3, 1e-6) and not is_inert(0.5, float("nan"), 1e-3, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ in the DAG and report
+def test_report_says_which_sharpness_step_is_inert(reference_run, tmp_path):
+    """The tiny run with every step sharpness-aware (interval 1): the raw shapo step and the matched uniform
+    control are reported inert (fp32 on the CPU: most moved weights change by an ulp, the gradient's direction
+    stays at 1 − 1e-12), the normalized step effective; the comparisons table says so, the figure is drawn."""
+    import yaml
+
+    from conftest import copy_run, jobs_run, run_snakemake, write_config
+    from test_report import assert_valid_png
+
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["noise"]["rates"] = [0.25]
+    config["methods"] = ["dpo", "shapo", "shapo_normalized", "shapo_uniform"]
+    for m in config["methods"][1:]:
+        config["presets"][m]["sharpness"]["interval"] = 1
+    write_config(workdir, config)
+    proc = run_snakemake(workdir)
+    assert "perturbation_summary" in jobs_run(proc) and "train_policy" in jobs_run(proc)
+    table = pd.read_csv(workdir / "results/tables/perturbation.csv").set_index("method")
+    assert table.verdict.to_dict() == {"shapo": "inert", "shapo_normalized": "effective", "shapo_uniform": "inert"}
+    assert (table.steps == 3).all() and (table.base == "dpo").all()
+    assert table.loc["shapo_normalized", "move_norm"] == pytest.approx(0.05, rel=1e-6)
+    # the matched control moved as far as shapo's step (the same first step; later steps differ a little)
+    logs = {m: pd.read_csv(workdir / f"results/policies/{m}/noise0.25/seed0.train_log.tsv", sep="\t")
+            for m in ("shapo", "shapo_uniform")}
+    assert logs["shapo_uniform"].move_norm[0] == pytest.approx(logs["shapo"].move_norm[0], rel=1e-6)
+    md = (workdir / "results/report.md").read_text()
+    section = md.split("## Is the perturbation effective?\n", 1)[1].split("\n## ", 1)[0]
+    assert "below 0.001 (the forward pass saw almost the same weights) or the median gradient cosine is above " \
+           "1 − 1e-06" in section
+    assert "shapo is inert: over 3 sharpness-aware step(s) of 1 run(s)" in section
+    assert "shapo_normalized is effective:" in section
+    assert "So the comparison of shapo with dpo above compares dpo with itself" in section
+    assert "](figures/perturbation_effect.png)" in section
+    comparisons = md.split("## Comparisons with dpo\n", 1)[1].split("\n## ", 1)[0]
+    assert "| shapo | dpo | 0.25 | harmbench |" in comparisons
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in comparisons.splitlines() if "| harmbench |" in line}
+    assert rows["shapo"].endswith("| inert (trains as dpo) |") and rows["shapo_normalized"].endswith("| effective |")
+    assert_valid_png(workdir / "results/figures/perturbation_effect.png")
+    assert (workdir / "results/figures/perturbation_effect.pdf").read_bytes().startswith(b"%PDF")

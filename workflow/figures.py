@@ -194,6 +194,20 @@ def _symlog_strip(ax, groups: list[np.ndarray], linthresh: float) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
+def _thin_symlog_ticks(ax, linthresh: float, most: int = 7) -> None:
+    """At most ``most`` decade ticks on each side of 0 (a symlog axis spanning 1e-15..1e-4 would label 12)."""
+    low, high = ax.get_ylim()
+    ticks = [0.0]
+    for sign, end in ((1, high), (-1, -low)):
+        if end <= linthresh:
+            continue
+        decades = np.arange(np.floor(np.log10(linthresh)), np.ceil(np.log10(end)) + 1)
+        step = int(np.ceil(len(decades) / most))
+        ticks += [sign * 10.0 ** d for d in decades[::-1][::step]]
+    ax.set_yticks(sorted(ticks))
+    ax.set_ylim(low, high)
+
+
 def plot_perturbation(logs: pd.DataFrame, stem: Path, max_fraction: float, max_gap: float) -> None:
     """Per method with sharpness-aware steps: ΔL, effective-move fraction and 1 − gradient cosine over its steps
     (noise rates and seeds pooled); dashed: the thresholds below which (both) a method is reported inert."""
@@ -208,15 +222,19 @@ def plot_perturbation(logs: pd.DataFrame, stem: Path, max_fraction: float, max_g
         for ax in axes:
             ax.text(0.5, 0.5, "no sharpness-aware step in any run", ha="center", va="center", transform=ax.transAxes)
     by = [sharp[sharp.method == m] for m in methods]
-    panels = [("ΔL = L(θ+δ) − L(θ)", [(r.loss_perturbed - r.loss).to_numpy(float) for r in by], 1e-7, None),
+    # linear near 0 only below the smallest values these take (a gradient cosine of 1 − 1e-13 in fp32)
+    panels = [("ΔL = L(θ+δ) − L(θ)", [(r.loss_perturbed - r.loss).to_numpy(float) for r in by], 1e-9, None),
               ("fraction of moved weights changed\n(compute precision)", [r.effective_fraction.to_numpy(float)
                                                                          for r in by], 1e-6, max_fraction),
-              ("1 − cos(∇L(θ), ∇L(θ+δ))", [(1 - r.grad_cosine).to_numpy(float) for r in by], 1e-9, max_gap)]
+              ("1 − cos(∇L(θ), ∇L(θ+δ))", [(1 - r.grad_cosine).to_numpy(float) for r in by], 1e-15, max_gap)]
     for ax, (title, groups, linthresh, threshold) in zip(axes, panels):
         _symlog_strip(ax, groups, linthresh)
         if threshold is not None:
-            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"inert below {threshold:g}")
-            ax.legend(fontsize=7, loc="upper left")
+            ax.set_ylim(bottom=0)
+            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"inert below {threshold:g}", (1.0, threshold), xycoords=("axes fraction", "data"),
+                        xytext=(-2, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7, color="grey")
+        _thin_symlog_ticks(ax, linthresh)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
         ax.set_xlim(-0.6, max(len(methods), 1) - 0.4)

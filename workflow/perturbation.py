@@ -87,12 +87,13 @@ def statement(row: dict, max_fraction: float, max_gap: float) -> str:
         grad = (f"the gradient at the moved point had a median cosine of 1 − {_g(row['cosine_gap'])} with the "
                 f"plain gradient")
     loss = f"ΔL = L(θ+δ) − L(θ) had median {_g(row['delta_loss'])} (largest |ΔL| {_g(row['delta_loss_abs_max'])})"
-    rule = f"inert when the fraction is below {max_fraction:g} or the cosine above 1 − {max_gap:g}"
+    rule = f"fraction below {max_fraction:g} or cosine above 1 − {max_gap:g}"
+    numbers = f"{where}, {move}, {grad}, and {loss}"
     if row["verdict"] == "inert":
-        return (f"{m}: inert ({rule}) — {where}, {move}, and {grad}; {loss}. Its optimizer saw, to within rounding, "
-                f"the plain gradient: {as_base}, and any difference from {base or 'that loss'} is noise of the run, "
-                "not the geometry step.")
-    return f"{m}: effective ({rule}) — {where}, {move}, and {grad}; {loss}."
+        return (f"{m} is inert: {numbers}. By the rule ({rule}) its optimizer saw the plain gradient to within "
+                f"rounding: {as_base}, and a difference from {base or 'that loss'} is not an effect of the geometry "
+                "step.")
+    return f"{m} is effective: {numbers}. Neither measure meets the rule for inert ({rule})."
 
 
 def summarise(logs: pd.DataFrame, presets: dict, methods: list[str], max_fraction: float,
@@ -131,11 +132,12 @@ def summarise(logs: pd.DataFrame, presets: dict, methods: list[str], max_fractio
 
 def display(table: pd.DataFrame) -> pd.DataFrame:
     """The summary as shown in the report and perturbation.md (numbers to 3 significant digits, no sentences)."""
-    shown = table.drop(columns=["statement"]).astype(object)
-    for col in ["move_norm", "move_relative", "effective_fraction", "effective_fraction_max", "grad_cosine",
-                "cosine_gap", "grad_norm_change", "delta_loss", "delta_loss_abs_max"]:
-        shown[col] = table[col].map(lambda v: "" if pd.isna(v) else ("1" if v == 1 else f"{v:.3g}"))
-    return shown.rename(columns={"cosine_gap": "1 − cos", "delta_loss": "ΔL", "delta_loss_abs_max": "max |ΔL|"})
+    # the cosine itself reads "1" at 3 digits whatever it is: 1 − cos carries it
+    shown = table.drop(columns=["statement", "grad_cosine"]).astype(object)
+    for col in ["move_norm", "move_relative", "effective_fraction", "effective_fraction_max", "cosine_gap",
+                "grad_norm_change", "delta_loss", "delta_loss_abs_max"]:
+        shown[col] = table[col].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    return shown.rename(columns={"cosine_gap": "1 − cos", "delta_loss": "ΔL", "delta_loss_abs_max": "max abs ΔL"})
 
 
 def main(argv=None):

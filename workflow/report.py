@@ -232,11 +232,15 @@ def perturbation_section(doc: "Document", summary: pd.DataFrame, figure: str | N
         doc.text(sentence)
     claim = summary[summary.method == claim_method]
     if len(claim) and claim.verdict.iloc[0] == "inert":
-        base = claim.base.iloc[0] or "its base loss"
-        doc.text(f"So the comparison of {claim_method} with {reference} above compares {base} with {reference}: "
-                 "whatever it shows is not an effect of the geometry step.")
+        base = claim.base.iloc[0]
+        doc.text(f"So the comparison of {claim_method} with {reference} above compares "
+                 + (f"{reference} with itself (two runs of one loss)" if base == reference else
+                    f"{base or 'its base loss'} with {reference}")
+                 + ": what it shows is not an effect of the geometry step.")
     doc.table(perturbation_display(summary), "Per method: medians over its sharpness-aware steps "
-              "(results/tables/perturbation.csv); 1 − cos is 1 − the gradient cosine.")
+              "(results/tables/perturbation.csv): ‖δ‖ (move_norm), ‖δ‖/‖W_S‖ (move_relative), the fraction of "
+              "moved weights changed (median and largest), 1 − the gradient cosine, the relative change of the "
+              "gradient norm, ΔL and its largest absolute value.")
     if figure:
         doc.figure(figure, FIGURE_CAPTIONS[PERTURBATION_FIGURE])
 
