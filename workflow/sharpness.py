@@ -133,9 +133,9 @@ def gradient_change(at_theta: list, at_moved: list | None, sum_over_shards=_iden
     same parameters (``.grad`` tensors in the same order; None counts as zeros):
 
     - ``grad_norm_at_theta`` ‖a‖ with a = ∇L(θ);
-    - ``grad_cosine`` cos(a, b) with b = ∇L(θ+δ), computed as 1 − (‖a−b‖² − (‖a‖−‖b‖)²)/(2‖a‖‖b‖), which
-      stays exact near 1 (a dot product in fp32 cannot tell 1 − 1e-7 from 1), and is exactly 1 when the
-      two gradients are identical;
+    - ``grad_cosine`` cos(a, b) with b = ∇L(θ+δ), computed as 1 − (‖a−b‖² − (‖a‖−‖b‖)²)/(2‖a‖‖b‖),
+      which stays exact near 1 (a dot product in fp32 cannot tell 1 − 1e-7 from 1), and is exactly 1
+      when the two gradients are identical;
     - ``grad_norm_change`` (‖b‖ − ‖a‖)/‖a‖.
 
     With ``at_moved`` None only the norm at θ is computed (the cosine columns are NaN). One pass over

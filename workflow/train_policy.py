@@ -11,9 +11,10 @@ the perturbed weights (``subspace``: probe-selected neurons, random, uniform or 
 uphill (``raw`` γ·g with γ ~ U[γ_min, γ_max], ``normalized`` ρ·g/‖g‖, or ``matched``: as far as the
 raw probe-subspace move would go), loss and gradients again at that point, weights restored exactly,
 and the optimizer step taken with the second gradients. Each sharpness-aware step logs whether the
-move changed anything (``train_step.SHARPNESS_COLUMNS``). A method with ``reward_labels`` is reward-level: each pair's label is the soft label
-p = σ(β_r·(r_chosen − r_rejected)) from ``--rewards`` (workflow.reward_model) and the loss the
-cross-entropy between p and σ(β·h). Checkpoints every ``checkpoint_every`` steps let a killed job resume.
+move changed anything (``train_step.SHARPNESS_COLUMNS``). A method with ``reward_labels`` is
+reward-level: each pair's label is the soft label p = σ(β_r·(r_chosen − r_rejected)) from
+``--rewards`` (workflow.reward_model) and the loss the cross-entropy between p and σ(β·h).
+Checkpoints every ``checkpoint_every`` steps let a killed job resume.
 The JSON settings are config slices; keys left out take the schema's defaults (``workflow.config``).
 One optimizer step is ``workflow.train_step.train_step``; this module is the loop around it.
 
