@@ -24,6 +24,9 @@ VARIANTS = {
     "dpo": {"loss": "dpo", "beta": 0.1},
     "shapo_interval5": {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 5, **SHAPO}},
     "shapo_interval1": {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 1, **SHAPO}},
+    # the same without the gradient-cosine diagnostic (the one that holds a second gradient)
+    "shapo_interval1_nocosine": {"loss": "dpo", "beta": 0.1,
+                                 "sharpness": {"interval": 1, **SHAPO, "gradient_cosine": False}},
 }
 
 

@@ -2,15 +2,19 @@
 # Only these rules depend on each other here, so `--forcerun report_tables` (or `report`) after a
 # finished run reruns the report rules and nothing upstream.
 
+from workflow.config import sharpness_methods
 from workflow.provenance import local_source_paths
 
 REPORT = config["report"]
 # over-refusal (harmless) benchmarks that are answered: the refusal-vs-harmful scatter needs one
 HARMLESS_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmless" for b in BENCHMARKS)
 HARMFUL_EVALUATED = any(config["benchmarks"][b]["kind"] == "harmful" for b in BENCHMARKS)
+# methods with a sharpness-aware step: the report's "Is the perturbation effective?" section summarises them
+SHARP_METHODS = sharpness_methods(config)
 REPORT_FIGURES = ["harmful_rate_vs_noise", "training_curves", "subspace_neurons"] + (
     ["refusal_vs_harmful"] if HARMLESS_EVALUATED and HARMFUL_EVALUATED else []) + (
-    ["preference_accuracy_vs_noise"] if PREFERENCES_SCORED else [])
+    ["preference_accuracy_vs_noise"] if PREFERENCES_SCORED else []) + (
+    ["perturbation_effect"] if SHARP_METHODS else [])
 STATS_TABLES = ["harmful_rate.csv", "harmful_rate.md", "rates_by_judge.csv", "comparisons.csv", "comparisons.md",
                 "mcnemar_by_seed.csv", "categories.csv"] + (
     ["preference_accuracy.csv", "preference_accuracy.md", "preference_comparisons.csv", "preference_comparisons.md"]
@@ -48,6 +52,33 @@ rule report_tables:
         " --preference-scores {input.preference_scores} > {log} 2>&1"
 
 
+rule perturbation_summary:
+    input:
+        train_logs=expand(rules.train_policy.output.log, method=SHARP_METHODS, noise=NOISES, seed=SEEDS),
+    output:
+        table="results/tables/perturbation.csv",
+        markdown="results/tables/perturbation.md",
+    params:
+        # every preset: a method's base method (its preset without sharpness) is looked up among them
+        presets=as_json(config["presets"]),
+        methods=" ".join(SHARP_METHODS),
+        fraction=REPORT["inert_effective_fraction"],
+        gap=REPORT["inert_cosine_gap"],
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **rule_resources(config, "report"),
+    log:
+        "results/logs/perturbation_summary.log",
+    benchmark:
+        "results/benchmarks/perturbation_summary.tsv"
+    conda:
+        "../envs/report.yaml"
+    shell:
+        "python -m workflow.perturbation --train-logs {input.train_logs} --presets-json {params.presets}"
+        " --methods {params.methods} --inert-effective-fraction {params.fraction} --inert-cosine-gap {params.gap}"
+        " --table {output.table} --markdown {output.markdown} > {log} 2>&1"
+
+
 rule report_figures:
     input:
         rates="results/tables/harmful_rate.csv",
@@ -59,6 +90,8 @@ rule report_figures:
     params:
         scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
         preferences=lambda wc, input: f"--preferences {input.preferences}" if input.preferences else "",
+        perturbation=(f"--perturbation --inert-effective-fraction {REPORT['inert_effective_fraction']}"
+                      f" --inert-cosine-gap {REPORT['inert_cosine_gap']}") if SHARP_METHODS else "",
     threads: config["resources"]["report"]["threads"]
     resources:
         **rule_resources(config, "report"),
@@ -70,7 +103,8 @@ rule report_figures:
         "../envs/report.yaml"
     shell:
         "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
-        " --subspace {input.subspace} --figures results/figures {params.scatter} {params.preferences} > {log} 2>&1"
+        " --subspace {input.subspace} --figures results/figures {params.scatter} {params.preferences}"
+        " {params.perturbation} > {log} 2>&1"
 
 
 rule report:
@@ -87,6 +121,7 @@ rule report:
         noise=expand(rules.inject_noise.output.summary, noise=NOISES, seed=SEEDS),
         # the local data files are hashed into the report's provenance table
         sources=local_source_paths(config),
+        perturbation=rules.perturbation_summary.output.table if SHARP_METHODS else [],
         **report_optional_inputs(),
     output:
         markdown="results/report.md",
@@ -97,6 +132,7 @@ rule report:
         + (f" {input.reward_figure}" if "reward_figure" in input.keys() else ""),
         optional=report_optional_args,
         preference_tables="--preference-tables" if PREFERENCES_SCORED else "",
+        perturbation=lambda wc, input: f"--perturbation {input.perturbation}" if input.perturbation else "",
         reference=REPORT["reference_method"],
         claim=REPORT["claim_method"],
         alpha=REPORT["alpha"],
@@ -115,5 +151,5 @@ rule report:
         " --model-provenance {input.model}/provenance.json --probe-metrics {input.probe} --subspace {input.subspace}"
         " --decontamination {input.decontamination} --benchmark-decontamination {input.benchmark_decontamination}"
         " --preferences {input.preferences}"
-        " --noise-summaries {input.noise} {params.optional} {params.preference_tables}"
+        " --noise-summaries {input.noise} {params.optional} {params.preference_tables} {params.perturbation}"
         " --markdown {output.markdown} --html {output.html} > {log} 2>&1"

@@ -239,7 +239,9 @@ def test_derived_values(config):
     assert rule_resources(config, "generate")["gpu"] == 1
     assert training_launcher(config).endswith("--standalone --nproc_per_node 4")
     assert reads_subspace(config["presets"]["shapo"]) and reads_subspace(config["presets"]["shapo_random"])
-    assert not reads_subspace(config["presets"]["shapo_uniform"]) and not reads_subspace(config["presets"]["dpo"])
+    # the uniform control moves as far as the probe step (perturbation matched), so it reads the probe subspace too
+    assert reads_subspace(config["presets"]["shapo_uniform"]) and not reads_subspace(config["presets"]["dpo"])
+    assert not reads_subspace(config["presets"]["sam_full"])
     config["methods"] = ["dpo", "shapo_reward"]
     beta_r = config["presets"]["shapo_reward"]["reward_labels"]["beta_r"]
     assert reward_beta_r_values(config) == sorted(set(map(float, config["reward_model"]["beta_r_plot"] + [beta_r])))

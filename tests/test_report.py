@@ -15,7 +15,8 @@ from conftest import ROOT, copy_run, jobs_run, run_snakemake
 from workflow import figures, stats
 from workflow.report import claim_statement
 
-SECTIONS = ["What the numbers say", "Main table", "Comparisons with dpo", "Figures", "Per-category rates",
+SECTIONS = ["What the numbers say", "Main table", "Comparisons with dpo", "Is the perturbation effective?", "Figures",
+            "Per-category rates",
             "Judge agreement", "Probe, subspace and decontamination", "Training data and label noise",
             "Provenance", "Configuration"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +38,8 @@ def test_report_renders_from_the_tiny_run(reference_run):
     for section in SECTIONS:
         assert f"## {section}\n" in md and f">{section}</h2>" in page, section
     # every figure: a PNG that PIL and matplotlib read, a PDF beside it, linked from report.md, embedded in the page
-    names = ("harmful_rate_vs_noise", "training_curves", "subspace_neurons", "preference_accuracy_vs_noise")
+    names = ("harmful_rate_vs_noise", "training_curves", "subspace_neurons", "preference_accuracy_vs_noise",
+             "perturbation_effect")
     for name in names:
         assert_valid_png(workdir / f"results/figures/{name}.png")
         assert (workdir / f"results/figures/{name}.pdf").read_bytes().startswith(b"%PDF")
@@ -66,6 +68,8 @@ def test_report_renders_from_the_tiny_run(reference_run):
     assert yaml.safe_load(config_yaml)["methods"] == ["dpo", "shapo"]
     assert "| unsafe | harmbench | 1 |" in md  # the decontamination report
     assert "One judge only (refusal_markers)" in md
+    # 3 steps per policy, shapo's interval is 5: the perturbation section says it never ran
+    assert "shapo took no sharpness-aware step (interval 5 exceeds the steps of each run), so it trains as dpo" in md
 
 
 def test_rerendering_after_a_finished_run_runs_only_the_report_rules(reference_run, tmp_path):

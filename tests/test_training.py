@@ -155,6 +155,19 @@ def test_shapo_step_applies_exactly_the_gradient_at_theta_plus_gamma_g_on_the_se
         torch.testing.assert_close(p.detach(), expected[n], atol=1e-6, rtol=0, msg=n)
     # the plain gradient would have given another step on the moved columns
     assert not torch.allclose(g[down[0]][:, columns], g_perturbed[down[0]][:, columns], atol=1e-6)
+    # the step's diagnostics, from the gradients computed by hand
+    g_s = torch.cat([g[n][:, columns].flatten() for n in down]).double()
+    assert row["grad_norm_moved"] == pytest.approx(float(g_s.norm()), rel=1e-5)
+    assert row["move_norm"] == pytest.approx(gamma * float(g_s.norm()), rel=1e-5)
+    w_s = torch.cat([theta[n].detach()[:, columns].flatten() for n in down]).double()
+    assert row["move_relative"] == pytest.approx(gamma * float(g_s.norm() / w_s.norm()), rel=1e-5)
+    assert row["effective_fraction"] == 1.0  # γ = 0.5: every moved fp32 value changes
+    a = torch.cat([g[n].flatten() for n in names]).double()
+    b = torch.cat([g_perturbed[n].flatten() for n in names]).double()
+    assert row["grad_norm_at_theta"] == pytest.approx(float(a.norm()), rel=1e-5)
+    assert row["grad_cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-6)
+    assert row["grad_cosine"] < 1 - 1e-6  # a step this large turns the gradient
+    assert row["grad_norm_change"] == pytest.approx(float(b.norm() / a.norm() - 1), abs=1e-5)
 
 
 def test_non_finite_loss_names_step_and_pairs(tiny):

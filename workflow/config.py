@@ -230,6 +230,10 @@ def check_presets(config: dict) -> None:
         s = preset.get("sharpness")
         if s and s["gamma_min"] > s["gamma_max"]:
             raise ConfigError(f"config key presets.{name}.sharpness: gamma_min > gamma_max")
+        if s and s["perturbation"] == "matched" and s["subspace"] == "probe":
+            raise ConfigError(f"config key presets.{name}.sharpness.perturbation: matched copies the length of the"
+                              " probe-subspace raw move, so on the probe subspace it is raw; use perturbation: raw, or"
+                              " matched with subspace random, uniform or full")
         if "reward_labels" in preset and preset["loss"] != "dpo":
             raise ConfigError(f"config key presets.{name}.loss: a reward-level preset (reward_labels) needs loss dpo,"
                               f" not {preset['loss']!r} (the soft label replaces the DPO label)")
@@ -322,8 +326,15 @@ def check_config(config: dict) -> None:
 # ---- values the rules derive from the validated config (rules/*.smk call these at parse time) ----
 
 def reads_subspace(preset: dict) -> bool:
-    """Whether a preset's sharpness-aware step needs the probe-selected neurons (probe, or as many random ones)."""
-    return "sharpness" in preset and preset["sharpness"]["subspace"] in ("probe", "random")
+    """Whether a preset's sharpness-aware step needs the probe-selected neurons: it perturbs them (probe), as many
+    random ones (random), or moves as far as the probe-subspace step would (perturbation matched)."""
+    s = preset.get("sharpness")
+    return bool(s) and (s["subspace"] in ("probe", "random") or s["perturbation"] == "matched")
+
+
+def sharpness_methods(config: dict) -> list[str]:
+    """The methods trained with a sharpness-aware step (the report's "Is the perturbation effective?" section)."""
+    return [m for m in config["methods"] if "sharpness" in config["presets"][m]]
 
 
 def uses_reward(preset: dict) -> bool:

@@ -13,6 +13,9 @@
   against harmful rate, a point per method and noise rate;
 - ``preference_accuracy_vs_noise`` (with ``--preferences``): held-out preference accuracy and mean margin
   against the noise rate, a line per method, bootstrap-CI error bars, the base model as a reference line.
+- ``perturbation_effect`` (with ``--perturbation``): per method with sharpness-aware steps, the distribution
+  over those steps of ΔL = L(θ+δ) − L(θ), of the fraction of moved weights changed in the compute
+  precision, and of 1 − cos(∇L(θ), ∇L(θ+δ)), with the report's inert thresholds.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from workflow.config import schema_default  # noqa: E402
 from workflow.files import atomic_path  # noqa: E402
 
 MARKERS = "osD^v<>"
@@ -208,6 +212,70 @@ def plot_refusal_vs_harmful(rates: pd.DataFrame, stem: Path) -> None:
     save(fig, stem)
 
 
+def _symlog_strip(ax, groups: list[np.ndarray], linthresh: float) -> None:
+    """Every value as a jittered point and the median as a bar, one column per group, on a symlog axis (zeros
+    are common here: a move that rounds away leaves ΔL, the changed fraction and 1 − cos at exactly 0)."""
+    rng = np.random.default_rng(0)
+    for i, values in enumerate(groups):
+        values = values[np.isfinite(values)]
+        if not len(values):
+            continue
+        ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=12, alpha=0.6, color=f"C{i % 10}")
+        ax.hlines(np.median(values), i - 0.3, i + 0.3, color="k", linewidth=2)
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _thin_symlog_ticks(ax, linthresh: float, most: int = 7) -> None:
+    """At most ``most`` decade ticks on each side of 0 (a symlog axis spanning 1e-15..1e-4 would label 12)."""
+    low, high = ax.get_ylim()
+    ticks = [0.0]
+    for sign, end in ((1, high), (-1, -low)):
+        if end <= linthresh:
+            continue
+        decades = np.arange(np.floor(np.log10(linthresh)), np.ceil(np.log10(end)) + 1)
+        step = int(np.ceil(len(decades) / most))
+        ticks += [sign * 10.0 ** d for d in decades[::-1][::step]]
+    ax.set_yticks(sorted(ticks))
+    ax.set_ylim(low, high)
+
+
+def plot_perturbation(logs: pd.DataFrame, stem: Path, max_fraction: float, max_gap: float) -> None:
+    """Per method with sharpness-aware steps: ΔL, effective-move fraction and 1 − gradient cosine over its steps
+    (noise rates and seeds pooled); dashed: the thresholds below which (both) a method is reported inert."""
+    missing = {"loss_perturbed", "sharpness_step", "effective_fraction", "grad_cosine"} - set(logs.columns)
+    if missing:
+        raise ValueError(f"training logs have no column(s) {sorted(missing)}: rerun train_policy")
+    sharp = logs[logs.sharpness_step.astype(str).str.lower().eq("true")]
+    methods = sorted(sharp.method.unique())
+    fig, axes = plt.subplots(1, 3, figsize=(max(9.0, 3 * 0.45 * len(methods) + 4), 3.8), squeeze=False)
+    axes = axes[0]
+    if not methods:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no sharpness-aware step in any run", ha="center", va="center", transform=ax.transAxes)
+    by = [sharp[sharp.method == m] for m in methods]
+    # linear near 0 only below the smallest values these take (a gradient cosine of 1 − 1e-13 in fp32)
+    panels = [("ΔL = L(θ+δ) − L(θ)", [(r.loss_perturbed - r.loss).to_numpy(float) for r in by], 1e-9, None),
+              ("fraction of moved weights changed\n(compute precision)", [r.effective_fraction.to_numpy(float)
+                                                                         for r in by], 1e-6, max_fraction),
+              ("1 − cos(∇L(θ), ∇L(θ+δ))", [(1 - r.grad_cosine).to_numpy(float) for r in by], 1e-15, max_gap)]
+    for ax, (title, groups, linthresh, threshold) in zip(axes, panels):
+        _symlog_strip(ax, groups, linthresh)
+        if threshold is not None:
+            ax.set_ylim(bottom=0)
+            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"inert below {threshold:g}", (1.0, threshold), xycoords=("axes fraction", "data"),
+                        xytext=(-2, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7, color="grey")
+        _thin_symlog_ticks(ax, linthresh)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, max(len(methods), 1) - 0.4)
+    fig.suptitle("sharpness-aware steps: one point per step (noise rates and seeds pooled), bar = median; "
+                 "symlog axes", fontsize=9)
+    fig.tight_layout()
+    save(fig, stem)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", required=True, help="main table (workflow.stats harmful_rate.csv)")
@@ -217,12 +285,18 @@ def main(argv=None):
     p.add_argument("--scatter", action="store_true", help="also the over-refusal vs harmful-rate scatter")
     p.add_argument("--preferences", help="held-out preference table (workflow.stats preference_accuracy.csv): "
                    "also preference_accuracy_vs_noise")
+    p.add_argument("--perturbation", action="store_true", help="also the sharpness-aware steps' diagnostics")
+    p.add_argument("--inert-effective-fraction", type=float, default=schema_default("report/inert_effective_fraction"))
+    p.add_argument("--inert-cosine-gap", type=float, default=schema_default("report/inert_cosine_gap"))
     a = p.parse_args(argv)
 
     out = Path(a.figures)
     rates = pd.read_csv(a.rates)
     plot_rates_vs_noise(rates, out / "harmful_rate_vs_noise")
-    plot_training_curves(read_train_logs(a.train_logs), out / "training_curves")
+    logs = read_train_logs(a.train_logs)
+    plot_training_curves(logs, out / "training_curves")
+    if a.perturbation:
+        plot_perturbation(logs, out / "perturbation_effect", a.inert_effective_fraction, a.inert_cosine_gap)
     plot_subspace(pd.read_csv(a.subspace, sep="\t"), out / "subspace_neurons")
     if a.scatter:
         plot_refusal_vs_harmful(rates, out / "refusal_vs_harmful")

@@ -8,7 +8,8 @@
 The tables come from ``workflow.stats`` and the figures from ``workflow.figures``; this module only
 reads, formats and writes. The HTML page is self-contained (figures embedded as base64 PNG, the PDF
 next to each PNG is linked by relative path); report.md links the figures by relative path.
-The paragraph "What the numbers say" is written by ``claim_statement`` from the comparisons table.
+The paragraph "What the numbers say" is written by ``claim_statement`` from the comparisons table; the
+section "Is the perturbation effective?" from ``workflow.perturbation``'s table (``--perturbation``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import yaml
 
 from workflow.config import fill_defaults
 from workflow.files import read_json, write_text
+from workflow.perturbation import display as perturbation_display
 from workflow.provenance import source_files
 from workflow.stats import (RULE_BASED, comparisons_display, fmt_noise, main_table_wide, main_table_with_preferences,
                             markdown, preference_comparisons_display, preference_display, rates_sentence)
@@ -284,7 +286,50 @@ FIGURE_CAPTIONS = {
     "preference_accuracy_vs_noise": "Held-out preference accuracy (left) and mean implicit reward margin (right) on "
                                     "the clean held-out pairs against the training noise rate, per method; error bars: "
                                     "95% bootstrap CI over pairs and seeds; grey: base model",
+    "perturbation_effect": "Sharpness-aware steps, one point per step (noise rates and seeds pooled), bar = median: "
+                           "ΔL = L(θ+δ) − L(θ), the fraction of moved weights changed in the compute precision, and "
+                           "1 − cos(∇L(θ), ∇L(θ+δ)); dashed: the inert thresholds",
 }
+PERTURBATION_FIGURE = "perturbation_effect"
+
+
+def perturbation_column(display: pd.DataFrame, comp: pd.DataFrame, summary: pd.DataFrame | None) -> pd.DataFrame:
+    """The comparisons table with a column "perturbation": the verdict of a method's sharpness-aware step (inert:
+    it trained as its base method), blank for methods without one."""
+    if summary is None or display.empty:
+        return display
+    verdicts = {r.method: (f"inert (trains as {r.base})" if r.verdict == "inert" and isinstance(r.base, str) and r.base
+                           else r.verdict) for r in summary.itertuples()}
+    return display.assign(perturbation=[verdicts.get(m, "") for m in comp["method"]])
+
+
+def perturbation_section(doc: "Document", summary: pd.DataFrame, figure: str | None, rep: dict, claim_method: str,
+                         reference: str) -> None:
+    doc.heading("Is the perturbation effective?")
+    doc.text("Each sharpness-aware step logs (training log columns) the move ‖δ‖ = γ·‖g_S‖ on the moved weights, the "
+             "fraction of moved weights whose value as the forward pass sees it changed (bf16 under autocast, fp32 "
+             "otherwise), ΔL = L(θ+δ) − L(θ), and the cosine between the gradient at θ and the gradient at θ+δ "
+             "that the optimizer uses. A method is called inert when, over its sharpness-aware steps (noise rates "
+             f"and seeds pooled), the median changed fraction is below {rep['inert_effective_fraction']:g} (the "
+             "forward pass saw almost the same weights) or the median gradient cosine is above "
+             f"1 − {rep['inert_cosine_gap']:g} (the optimizer got almost the same gradient); config "
+             "report.inert_effective_fraction and report.inert_cosine_gap. Either way its optimizer sees its base "
+             "loss's gradient to within rounding.")
+    for sentence in summary.statement:
+        doc.text(sentence)
+    claim = summary[summary.method == claim_method]
+    if len(claim) and claim.verdict.iloc[0] == "inert":
+        base = claim.base.iloc[0]
+        doc.text(f"So the comparison of {claim_method} with {reference} above compares "
+                 + (f"{reference} with itself (two runs of one loss)" if base == reference else
+                    f"{base or 'its base loss'} with {reference}")
+                 + ": what it shows is not an effect of the geometry step.")
+    doc.table(perturbation_display(summary), "Per method: medians over its sharpness-aware steps "
+              "(results/tables/perturbation.csv): ‖δ‖ (move_norm), ‖δ‖/‖W_S‖ (move_relative), the fraction of "
+              "moved weights changed (median and largest), 1 − the gradient cosine, the relative change of the "
+              "gradient norm, ΔL and its largest absolute value.")
+    if figure:
+        doc.figure(figure, FIGURE_CAPTIONS[PERTURBATION_FIGURE])
 
 
 def refusal_caveat(judge: str, judge_type: str) -> str:
@@ -390,6 +435,9 @@ def build(a) -> Document:
                   "the training and noise rows are single pre-specified tests judged by their CI. MDD: minimum "
                   "detectable difference at 80% power, (z₀.₉₇₅ + z₀.₈)·SE.")
 
+    summary = pd.read_csv(a.perturbation, keep_default_na=False, na_values=[""]) if a.perturbation else None
+    if summary is not None:
+        summary["base"] = summary["base"].fillna("")
     doc.heading(f"Comparisons with {reference}")
     doc.text(f"Each method against {reference} at the same noise rate, paired on the same prompts and seeds. "
              "diff = method − reference with a paired-bootstrap CI (prompts and seeds resampled together); p: "
@@ -397,10 +445,15 @@ def build(a) -> Document:
              f"the primary judge; sig.: * / ** / *** for Holm p < 0.05 / 0.01 / 0.001. McNemar's test per seed "
              "(exact binomial under 25 discordant pairs) is in results/tables/mcnemar_by_seed.csv; the column "
              "shows its smallest unadjusted p over seeds. With B bootstrap draws the smallest p is 2/(B+1).")
-    doc.table(comparisons_display(comp))
+    doc.table(perturbation_column(comparisons_display(comp), comp, summary))
+
+    figures = [f for f in a.figures if Path(f).stem != PERTURBATION_FIGURE]
+    if summary is not None:
+        perturbation_section(doc, summary, next((f for f in a.figures if Path(f).stem == PERTURBATION_FIGURE), None),
+                             rep, claim_method, reference)
 
     doc.heading("Figures")
-    for fig in a.figures:
+    for fig in figures:
         doc.figure(fig, FIGURE_CAPTIONS.get(Path(fig).stem, Path(fig).stem))
 
     doc.heading("Per-category rates")
@@ -485,6 +538,7 @@ def main(argv=None):
     p.add_argument("--preference-tables", action="store_true",
                    help="the tables folder has the held-out preference tables (preference_accuracy.csv, "
                         "preference_comparisons.csv): report them and the three preconditions")
+    p.add_argument("--perturbation", help="results/tables/perturbation.csv (methods with a sharpness-aware step)")
     p.add_argument("--markdown", required=True)
     p.add_argument("--html", required=True)
     a = p.parse_args(argv)

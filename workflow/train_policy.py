@@ -8,11 +8,13 @@
 
 Every ``interval``-th step of a method with ``sharpness`` is sharpness-aware: gradients at θ,
 the perturbed weights (``subspace``: probe-selected neurons, random, uniform or all) moved
-uphill (``raw`` γ·g with γ ~ U[γ_min, γ_max], or ``normalized`` ρ·g/‖g‖), loss and gradients
-again at that point, weights restored exactly, and the optimizer step taken with the second
-gradients. A method with ``reward_labels`` is reward-level: each pair's label is the soft label
-p = σ(β_r·(r_chosen − r_rejected)) from ``--rewards`` (workflow.reward_model) and the loss the
-cross-entropy between p and σ(β·h). Checkpoints every ``checkpoint_every`` steps let a killed job resume.
+uphill (``raw`` γ·g with γ ~ U[γ_min, γ_max], ``normalized`` ρ·g/‖g‖, or ``matched``: as far as the
+raw probe-subspace move would go), loss and gradients again at that point, weights restored exactly,
+and the optimizer step taken with the second gradients. Each sharpness-aware step logs whether the
+move changed anything (``train_step.SHARPNESS_COLUMNS``). A method with ``reward_labels`` is
+reward-level: each pair's label is the soft label p = σ(β_r·(r_chosen − r_rejected)) from
+``--rewards`` (workflow.reward_model) and the loss the cross-entropy between p and σ(β·h).
+Checkpoints every ``checkpoint_every`` steps let a killed job resume.
 The JSON settings are config slices; keys left out take the schema's defaults (``workflow.config``).
 One optimizer step is ``workflow.train_step.train_step``; this module is the loop around it.
 
@@ -47,8 +49,8 @@ from workflow.optim import make_optimizer
 from workflow.pairs import collate_pairs, encode_response_pair, text_key
 from workflow.parallel import DataParallel
 from workflow.progress import progress
-from workflow.sharpness import perturbed_set
-from workflow.train_step import LOG_COLUMNS, Trainer, train_step
+from workflow.sharpness import matched_reference, perturbed_set
+from workflow.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
 
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -137,6 +139,9 @@ class StepReport:
                     self.writer.add_scalar(f"train/{key}", value, row["step"])
             if row["sharpness_step"]:
                 self.writer.add_scalar("sharpness/delta_loss", row["loss_perturbed"] - row["loss"], row["step"])
+                for key in SHARPNESS_COLUMNS:
+                    if math.isfinite(row[key]):
+                        self.writer.add_scalar(f"sharpness/{key}", row[key], row["step"])
 
     def close(self) -> None:
         if self.bar is not None:
@@ -146,7 +151,7 @@ class StepReport:
 
 
 def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
-          parallel: DataParallel | None = None, tensorboard_dir: str | None = None):
+          parallel: DataParallel | None = None, tensorboard_dir: str | None = None, matched_to=None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
     ``settings`` is the validated ``training`` section (``workflow.config.fill_defaults``). With a
@@ -154,6 +159,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
     restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
     same weights as an uninterrupted one. ``parallel`` places the model and splits each batch over
     data-parallel processes (default: this process alone). One step is ``train_step.train_step``.
+    ``matched_to``: the probe-selected neurons a ``matched`` control copies the move length of.
     """
     parallel = parallel or DataParallel(settings["precision"])
     used = pairs_used(len(records), settings["batch_size"], parallel.world)
@@ -162,6 +168,8 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
               flush=True)
     if method.get("sharpness") and not selected:
         raise ValueError("sharpness-aware training needs a non-empty subspace")
+    if method.get("sharpness", {}).get("perturbation") == "matched" and not matched_to:
+        raise ValueError("sharpness.perturbation matched needs the probe-selected neurons (matched_to)")
     model.to(parallel.device)
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings["prompt_format"]) for r in records]
@@ -173,7 +181,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
     # the unwrapped ``model`` keeps the Parameter objects the DDP wrapper uses, so ``selected`` and
     # checkpoints refer to it
     trainer = Trainer(model, parallel.wrap(model), optimizer, scheduler, method, settings, parallel, selected,
-                      random.Random(seed))
+                      random.Random(seed), matched_to)
     log, step, first_epoch, order = [], 0, 0, None
     resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
     if resumed:
@@ -243,6 +251,7 @@ def main(argv=None):
               flush=True)
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
+    matched_to = matched_reference(model, method["sharpness"], a.subspace) if method.get("sharpness") else None
     if settings.get("lora"):
         model = apply_lora(model, settings["lora"])
     inputs = [file_digest(f) for f in (a.pairs, a.reference, a.subspace, a.rewards) if f]
@@ -253,7 +262,7 @@ def main(argv=None):
     checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"], key)
     parallel = DataParallel(settings["precision"])
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
-                a.tensorboard)
+                a.tensorboard, matched_to)
     parallel.close()
     if not parallel.main:  # every process holds the same weights; process 0 writes them
         return
