@@ -101,6 +101,7 @@ def generation_args():
     """Decoding options of workflow.generate from config evaluation (greedy unless do_sample)."""
     e = config["evaluation"]
     args = f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
+    args += f" --tensor-parallel-size {e['tensor_parallel_size']}" if e["backend"] == "vllm" else ""
     return args + (f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}" if e["do_sample"] else "")
 
 

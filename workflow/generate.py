@@ -42,12 +42,13 @@ def require_vllm():
 
 
 def generate_answers_vllm(model_dir: str, prompts: list[str], max_new_tokens: int, prompt_format: str,
-                          sampling: Sampling) -> list[str]:
-    """Same prompts and decoding settings through vLLM (it batches internally)."""
+                          sampling: Sampling, tensor_parallel_size: int = 1) -> list[str]:
+    """Same prompts and decoding settings through vLLM (it batches internally), the model split over
+    ``tensor_parallel_size`` GPUs (config evaluation.tensor_parallel_size)."""
     vllm = require_vllm()
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     texts = [format_prompt(tokenizer, [{"role": "user", "content": p}], prompt_format) for p in prompts]
-    llm = vllm.LLM(model=model_dir, seed=sampling.seed)
+    llm = vllm.LLM(model=model_dir, seed=sampling.seed, tensor_parallel_size=tensor_parallel_size)
     params = vllm.SamplingParams(max_tokens=max_new_tokens, seed=sampling.seed,
                                  temperature=sampling.temperature if sampling.do_sample else 0.0,
                                  top_p=sampling.top_p if sampling.do_sample else 1.0)
@@ -68,6 +69,8 @@ def main(argv=None):
     p.add_argument("--backend", default=schema_default("evaluation/backend"), choices=BACKENDS)
     p.add_argument("--precision", default=schema_default("training/precision"), choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on a visible GPU, fp32 on CPU")
+    p.add_argument("--tensor-parallel-size", type=int, default=schema_default("evaluation/tensor_parallel_size"),
+                   help="vllm: GPUs the model is split over")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
@@ -79,7 +82,8 @@ def main(argv=None):
     prompts = [r["prompt"] for r in rows]
     t0 = time.perf_counter()
     if a.backend == "vllm":
-        answers = generate_answers_vllm(a.model, prompts, a.max_new_tokens, a.prompt_format, sampling)
+        answers = generate_answers_vllm(a.model, prompts, a.max_new_tokens, a.prompt_format, sampling,
+                                        a.tensor_parallel_size)
     else:
         tokenizer = load_tokenizer(a.model, padding_side="left")
         device, dtype = placement(a.precision)

@@ -22,6 +22,12 @@ through accelerate (DDP; gloo on CPU, NCCL on GPUs): each global batch is split 
 gradients are averaged before the perturbation, so every process moves the same selected columns by
 the same amount, and the result equals a one-process run on the whole batch (Dr.DPO included, see
 ``losses.data_parallel_reduction``). Only process 0 writes checkpoints and outputs.
+
+With ``training.parallel: fsdp`` the processes shard the model instead of copying it (FSDP2, see
+``workflow.parallel``): each holds some rows of every weight, gradient and optimizer state, the ShaPO
+move is applied to each process's rows of the selected columns, checkpoints are sharded
+(``checkpoint.ShardedCheckpointer``), and the final weights are gathered once to process 0, which
+writes the same safetensors folder as above. The batches, reductions and results are the same.
 """
 from __future__ import annotations
 
@@ -38,14 +44,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.checkpoint import Checkpointer, file_digest, fingerprint
+from workflow.checkpoint import Checkpointer, file_digest, fingerprint, make_checkpointer
 from workflow.config import fill_defaults
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.losses import soft_labels
 from workflow.models import PROVENANCE, load_model, load_tokenizer
 from workflow.optim import make_optimizer
 from workflow.pairs import collate_pairs, encode_response_pair, text_key
-from workflow.parallel import DataParallel
+from workflow.parallel import DataParallel, FullyShardedParallel, make_parallel
 from workflow.progress import progress
 from workflow.sharpness import perturbed_set
 from workflow.train_step import LOG_COLUMNS, Trainer, train_step
@@ -143,34 +149,36 @@ class StepReport:
 
 
 def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
-          parallel: DataParallel | None = None, tensorboard_dir: str | None = None):
+          parallel: DataParallel | FullyShardedParallel | None = None, tensorboard_dir: str | None = None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
     ``settings`` is the validated ``training`` section (``workflow.config.fill_defaults``). With a
     ``checkpointer`` the loop saves every few steps and first resumes from a matching checkpoint,
     restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
-    same weights as an uninterrupted one. ``parallel`` places the model and splits each batch over
-    data-parallel processes (default: this process alone). One step is ``train_step.train_step``.
+    same weights as an uninterrupted one. ``parallel`` places (or shards) the model and splits each
+    batch over the processes (default: ``training.parallel`` in this process alone). ``selected`` is
+    bound to the weights the wrapped model trains, in place (under fsdp: the sharded ones). One step is
+    ``train_step.train_step``.
     """
-    parallel = parallel or DataParallel(settings["precision"])
+    parallel = parallel or make_parallel(settings)
     used = pairs_used(len(records), settings["batch_size"], parallel.world)
     if used < len(records) and parallel.main:
         print(json.dumps({"left_out_per_epoch": len(records) - used, "reason": "last batch smaller than devices"}),
               flush=True)
     if method.get("sharpness") and not selected:
         raise ValueError("sharpness-aware training needs a non-empty subspace")
-    model.to(parallel.device)
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings["prompt_format"]) for r in records]
     bs = settings["batch_size"]
     steps_per_epoch = math.ceil(used / bs)
     total = steps_per_epoch * settings["epochs"]
+    # wrap first: FSDP replaces the Parameters by sharded ones, which the optimizer and ``selected`` must
+    # hold (under DDP the unwrapped ``model`` keeps the Parameter objects the wrapper uses)
+    forward = parallel.wrap(model)
+    parallel.bind(selected)
     optimizer, scheduler = make_optimizer(model.parameters(), settings, total)
     rng = np.random.default_rng(seed)
-    # the unwrapped ``model`` keeps the Parameter objects the DDP wrapper uses, so ``selected`` and
-    # checkpoints refer to it
-    trainer = Trainer(model, parallel.wrap(model), optimizer, scheduler, method, settings, parallel, selected,
-                      random.Random(seed))
+    trainer = Trainer(model, forward, optimizer, scheduler, method, settings, parallel, selected, random.Random(seed))
     log, step, first_epoch, order = [], 0, 0, None
     resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
     if resumed:
@@ -192,7 +200,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
             log.append(row)
             report(row)
             if checkpointer and checkpointer.due(step, total):
-                if parallel.main:
+                if parallel.main or checkpointer.collective:
                     checkpointer.save(model, optimizer, scheduler, {"step": step, "epoch": epoch,
                                                                     "order": order.tolist(), "log": log},
                                       (rng, trainer.gamma_rng))
@@ -222,8 +230,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     method = fill_defaults(json.loads(a.method_json), "presets/*")
     settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
-    if a.threads:  # the job's threads, shared by its data-parallel processes
-        torch.set_num_threads(max(1, a.threads // int(os.environ.get("WORLD_SIZE", "1"))))
+    if a.threads:  # the job's threads (per node), shared by the training processes on this node
+        torch.set_num_threads(max(1, a.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(a.seed)
 
     records = read_jsonl(a.pairs)
@@ -238,6 +246,9 @@ def main(argv=None):
                           "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
                           "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
               flush=True)
+    if settings.get("lora") and settings["parallel"] == "fsdp":
+        raise ValueError("training.lora: not supported with training.parallel fsdp (LoRA trains a model that fits"
+                         " one GPU: use parallel ddp; fsdp is for full fine-tuning)")
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     if settings.get("lora"):
@@ -246,18 +257,23 @@ def main(argv=None):
     # settings that do not change the result (how often to save, where to log) do not invalidate a checkpoint
     key = fingerprint(method, {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to")},
                       a.seed, inputs, str(Path(a.model).resolve()))
-    checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"], key)
-    parallel = DataParallel(settings["precision"])
+    parallel = make_parallel(settings)
+    if parallel.main:
+        print(json.dumps({"parallel": settings["parallel"], "processes": parallel.world,
+                          "device": str(parallel.device), "bf16": parallel.bf16}), flush=True)
+    checkpointer = make_checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"],
+                                     key, parallel)
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
                 a.tensorboard)
+    weights = parallel.full_state_dict(model)  # fsdp: gathered to process 0 (a collective); ddp: None
     parallel.close()
-    if not parallel.main:  # every process holds the same weights; process 0 writes them
+    if not parallel.main:  # process 0 holds (or has gathered) the whole model and writes it
         return
 
     if settings.get("lora"):
         model = model.merge_and_unload()  # downstream stages load an ordinary model
     with atomic_dir(a.output) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         load_tokenizer(a.model).save_pretrained(tmp)
         if (Path(a.model) / PROVENANCE).exists():  # carries the base model's origin (and remote-code setting)
             shutil.copy(Path(a.model) / PROVENANCE, tmp / PROVENANCE)
