@@ -46,6 +46,19 @@ VARIANTS = {
     # GPT-2's Conv1D stores a neuron per row (dim 0): every third neuron, spread over both processes' rows
     "gpt2_shapo_raw": (DPO | {"sharpness": RAW}, "gpt2", "neurons"),
 }
+# GPT-2 at a 10x smaller lr: AdamW's first steps are ≈ lr·sign(g), so entries whose gradient is rounding
+# noise (see key_bias) move by ±lr whichever way the noise falls; a smaller lr keeps that under 1e-5
+LR = {"gpt2_shapo_raw": 1e-4}
+
+
+def key_bias(name: str, key: str, value: torch.Tensor) -> torch.Tensor | None:
+    """GPT-2's attention key bias (the middle third of c_attn.bias): its gradient is exactly zero in
+    exact arithmetic (softmax ignores a shift shared by every key), so what a run does to it is AdamW's
+    response to rounding noise, which differs between any two summation orders; the test leaves it out."""
+    if VARIANTS[name][1] == "gpt2" and key.endswith("attn.c_attn.bias"):
+        third = value.shape[0] // 3
+        return torch.cat([value[:third], value[2 * third:]])
+    return None
 
 
 def records(n: int) -> list[dict]:
@@ -86,7 +99,8 @@ def run_variant(name: str, data: Path, parallel):
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     preset = fill_defaults(method, "presets/*")
     selected = selection(model, kind, preset.get("sharpness"))
-    log = train(model, tok, read_jsonl(data / f"{arch}_pairs.jsonl"), preset, SETTINGS, SEED, selected,
+    settings = SETTINGS | {"lr": LR.get(name, SETTINGS["lr"])}
+    log = train(model, tok, read_jsonl(data / f"{arch}_pairs.jsonl"), preset, settings, SEED, selected,
                 parallel=parallel)
     weights = parallel.full_state_dict(model)
     return log, (model.state_dict() if weights is None else weights)
