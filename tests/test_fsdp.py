@@ -251,3 +251,28 @@ def test_nodes_above_one_refuse_to_run_outside_slurm(tmp_path):
     proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {srun_torchrun(2, 1, 4)} -m workflow.train_policy"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "training.nodes > 1 runs inside a Slurm allocation" in proc.stderr
+
+
+def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
+    """config/paper.yaml with model.name_or_path set to the paper's largest backbone: full fine-tuning under
+    fsdp on training.devices GPUs per policy; reference log-probs, SFT and generation on one GPU each."""
+    from test_paper_config import dry_run_paper, job_counts, shell_commands
+
+    qwen = tmp_path / "qwen.yaml"
+    qwen.write_text("model:\n  name_or_path: Qwen/Qwen2.5-7B\n")
+    proc = dry_run_paper(tmp_path, qwen)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    counts = job_counts(out)
+    assert counts["train_policy"] == 10 and counts["sft"] == 1 and counts["reference_logps"] == 1
+    (model_cmd,) = shell_commands(out, "prepare_model")
+    assert "Qwen/Qwen2.5-7B" in model_cmd
+    train_cmds = shell_commands(out, "train_policy")
+    assert len(train_cmds) == 10
+    for cmd in train_cmds:
+        assert cmd.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.train_policy")
+        assert '"parallel": "fsdp"' in cmd and '"lora"' not in cmd  # full fine-tuning, sharded
+    gpus = {rule: {int(g) for g in re.findall(rf"rule {rule}:(?:(?!\nrule ).)*?resources:[^\n]*\bgpu=(\d+)", out, re.S)}
+            for rule in ("train_policy", "reference_logps", "sft", "generate")}
+    assert gpus == {"train_policy": {8}, "reference_logps": {1}, "sft": {1}, "generate": {1}}, gpus
+    print(json.dumps({"jobs": counts, "gpus_per_job": {k: sorted(v) for k, v in gpus.items()}}))
