@@ -19,7 +19,7 @@ bf16 autocast), their ratios, training tokens/s and model FLOPs utilisation
 device's peak bf16 FLOP/s), generation tokens/s (batch 16, 128 new tokens) and peak GPU memory.
 Nothing is downloaded: the architecture is written out below and the tokenizer is the embedded
 SmolLM2 one (its ids fit in the larger vocabulary). Without a GPU it runs on the CPU in fp32 —
-only useful as a smoke check, e.g. ``--layers 1 --seq 64 --batch-size 2 --steps 3``.
+only useful as a smoke check, e.g. ``--arch smoke --seq 64 --batch-size 2 --steps 3``.
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ ARCHS = {  # published configs (hub config.json), so no download is needed
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                          max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # a CPU smoke check: Llama layout at toy size (the embedded tokenizer's 49,152 ids)
+    "smoke": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0,
+                  max_position_embeddings=512, rms_norm_eps=1e-5),
     # Qwen2.5-7B (the paper's largest backbone): Llama's layout plus q/k/v biases, untied embeddings
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
