@@ -110,8 +110,8 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert '"kind": "safe_rlhf"' in reward_cmd and '"sign": -1' in reward_cmd and "--classifier" in reward_cmd
     assert paper["report"] == {"reference_method": "drdpo", "claim_method": "shapo"}
     # GPU stages ask for a GPU, the rest do not; a policy trains data-parallel on training.devices GPUs
-    assert re.search(r"rule train_policy:(?:(?!\nrule ).)*resources:[^\n]*gpu=4", out, re.S)
-    assert all(c.startswith("python -m torch.distributed.run --standalone --nproc_per_node 4 -m workflow.train_policy")
+    assert re.search(r"rule train_policy:(?:(?!\nrule ).)*resources:[^\n]*gpu=8", out, re.S)
+    assert all(c.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.train_policy")
                for c in shell_commands(out, "train_policy"))
     assert re.search(r"rule reference_logps:(?:(?!\nrule ).)*resources:[^\n]*gpu=1", out, re.S)
     assert re.search(r"rule prepare_preferences:(?:(?!\nrule ).)*resources:[^\n]*gpu=0", out, re.S)

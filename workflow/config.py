@@ -271,6 +271,12 @@ def check_training(config: dict) -> None:
     t = config["training"]
     if t["max_prompt_length"] >= t["max_length"]:
         raise ConfigError("config key training.max_prompt_length: must be smaller than training.max_length")
+    if t["parallel"] == "fsdp" and "lora" in t:
+        raise ConfigError("config key training.lora: not supported with training.parallel fsdp (LoRA is for models"
+                          " that fit one GPU: use parallel ddp; fsdp shards full fine-tuning)")
+    if t["devices"] % t["nodes"]:
+        raise ConfigError(f"config key training.devices: {t['devices']} GPUs cannot be split evenly over"
+                          f" training.nodes ({t['nodes']}); use a multiple of nodes")
 
 
 def probe_sources(probe_data: dict) -> list[str]:
@@ -343,17 +349,48 @@ def uses_reward(preset: dict) -> bool:
 
 
 def rule_resources(config: dict, group: str) -> dict:
-    """mem_mb, runtime and gpu of a group of config ``resources``; a data-parallel policy needs a GPU per process."""
+    """mem_mb, runtime and gpu of a group of config ``resources``: a policy needs a GPU per training process
+    (``training.devices``), a vLLM generation job one per tensor-parallel rank. A policy spanning nodes
+    (``training.nodes`` > 1) asks instead for that many nodes with devices/nodes GPUs each (``gres``, per
+    node; mem_mb is per node too) and one task per node, and runs its own ``srun`` (``mpi``: the Slurm
+    executor then starts the job's command directly instead of inside a one-task ``srun``)."""
     r = config["resources"][group]
-    gpu = max(r["gpu"], config["training"]["devices"]) if group == "train_policy" else r["gpu"]
-    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": gpu}
+    t, e = config["training"], config["evaluation"]
+    base = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
+    if group == "train_policy" and t["nodes"] > 1:
+        # tasks_per_gpu 0: the plugin would otherwise read `tasks` as tasks per GPU
+        return base | {"nodes": t["nodes"], "tasks": t["nodes"], "tasks_per_gpu": 0, "mpi": "srun",
+                       "gres": f"gpu:{max(r['gpu'], t['devices'] // t['nodes'])}"}
+    gpu = r["gpu"]
+    if group == "train_policy":
+        gpu = max(gpu, t["devices"])
+    if group == "generate" and e["backend"] == "vllm":
+        gpu = max(gpu, e["tensor_parallel_size"])
+    return base | {"gpu": gpu}
 
 
 def training_launcher(config: dict) -> str:
-    """``python``, or torchrun with one process per device when ``training.devices`` > 1 (data-parallel
-    training; ``--standalone`` picks a free rendezvous port on the node, so parallel jobs do not collide)."""
-    devices = config["training"]["devices"]
-    return "python" if devices == 1 else f"python -m torch.distributed.run --standalone --nproc_per_node {devices}"
+    """``python``, or torchrun with one process per device when ``training.devices`` > 1 (``--standalone``
+    picks a free rendezvous port on the node, so parallel jobs do not collide); across
+    ``training.nodes`` > 1, srun starting one torchrun per node (``srun_torchrun``)."""
+    t = config["training"]
+    if t["nodes"] > 1:
+        return srun_torchrun(t["nodes"], 1, t["devices"] // t["nodes"])
+    return "python" if t["devices"] == 1 else f"python -m torch.distributed.run --standalone --nproc_per_node {t['devices']}"
+
+
+def srun_torchrun(nodes: int, tasks_per_node: int, procs_per_task: int) -> str:
+    """The command prefix that starts ``nodes`` x ``tasks_per_node`` torchruns of ``procs_per_task`` processes each
+    inside the job's Slurm allocation: ``srun`` starts the torchruns (one per node on a cluster:
+    ``tasks_per_node`` 1), which meet at a c10d rendezvous on the host running the job script, the
+    allocation's first node, on a port derived from the job id (two jobs sharing a node do not collide).
+    ``--kill-on-bad-exit`` ends every task when one fails, so a dead node does not leave the others waiting."""
+    tasks = nodes * tasks_per_node
+    return (": \"${SLURM_JOB_ID:?training.nodes > 1 runs inside a Slurm allocation: use --profile profiles/slurm}\"; "
+            f"srun --nodes={nodes} --ntasks={tasks} --ntasks-per-node={tasks_per_node} --kill-on-bad-exit=1"
+            f" python -m torch.distributed.run --nnodes {tasks} --nproc_per_node {procs_per_task}"
+            " --rdzv_backend c10d --rdzv_endpoint \"$(hostname):$((29400 + SLURM_JOB_ID % 1000))\""
+            " --rdzv_id \"$SLURM_JOB_ID\"")
 
 
 def preference_beta(config: dict, method: str) -> float:
@@ -377,4 +414,5 @@ def generation_args(config: dict) -> str:
     e = config["evaluation"]
     args = (f"--backend {e['backend']} --seed {e['seed']} --precision {config['training']['precision']}"
             f" --samples {e['samples']} --stop-json {shlex.quote(json.dumps(e['stop']))}")
+    args += f" --tensor-parallel-size {e['tensor_parallel_size']}" if e["backend"] == "vllm" else ""
     return args + (f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}" if e["do_sample"] else "")

@@ -99,13 +99,14 @@ def require_vllm():
 
 
 def raw_answers_vllm(model_dir: str, tokenizer, texts: list[str], max_new_tokens: int, settings: list[Sampling],
-                     stops: list[str], dtype: torch.dtype) -> list[list[str]]:
+                     stops: list[str], dtype: torch.dtype, tensor_parallel_size: int = 1) -> list[list[str]]:
     """Raw continuations per sample through vLLM (it batches internally), on the same token ids as the
     transformers path (no BOS added: ``add_special_tokens=False``), in the same dtype, with the same
-    stop strings; vLLM keeps the stop string in the text so that ``finish_answer`` makes the one cut."""
+    stop strings; vLLM keeps the stop string in the text so that ``finish_answer`` makes the one cut.
+    The model is split over ``tensor_parallel_size`` GPUs (config evaluation.tensor_parallel_size)."""
     vllm = require_vllm()
     ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    llm = vllm.LLM(model=model_dir, seed=settings[0].seed, dtype=dtype,
+    llm = vllm.LLM(model=model_dir, seed=settings[0].seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                    trust_remote_code=trusts_remote_code(model_dir))
     raws = []
     for s in settings:
@@ -135,6 +136,8 @@ def main(argv=None):
     p.add_argument("--backend", default=schema_default("evaluation/backend"), choices=BACKENDS)
     p.add_argument("--precision", default=schema_default("training/precision"), choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on a visible GPU, fp32 on CPU")
+    p.add_argument("--tensor-parallel-size", type=int, default=schema_default("evaluation/tensor_parallel_size"),
+                   help="vllm: GPUs the model is split over")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
@@ -160,7 +163,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     device, dtype = placement(a.precision)
     if a.backend == "vllm":
-        raws = raw_answers_vllm(a.model, tokenizer, texts, a.max_new_tokens, settings, stops, dtype)
+        raws = raw_answers_vllm(a.model, tokenizer, texts, a.max_new_tokens, settings, stops, dtype,
+                                a.tensor_parallel_size)
     else:
         model = load_model(a.model, dtype=dtype, device=device).eval()
         raws = [generate_raw(model, tokenizer, texts, a.max_new_tokens, a.batch_size, s, stops,

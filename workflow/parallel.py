@@ -1,17 +1,39 @@
-"""Data-parallel training: this process's device, precision, rank and world size, and the reductions
-the training loop needs across processes.
+"""Parallel training: this process's device, precision, rank and world size, how the model is wrapped,
+and the reductions the training loop needs across processes. ``make_parallel`` picks the engine by
+``training.parallel``:
 
-Under ``torchrun --nproc_per_node N`` (the ``train_policy`` rule launches it for
-``training.devices: N``) accelerate sets up the process group (gloo on CPUs, NCCL on GPUs) and the
-device; the model is wrapped in DDP. With one process every reduction is the identity, so the loop
-is the plain one-process loop.
+``ddp`` (``DataParallel``): every process holds the whole model. Under ``torchrun --nproc_per_node N``
+(the ``train_policy`` rule launches it for ``training.devices: N``) accelerate sets up the process
+group (gloo on CPUs, NCCL on GPUs) and the device; the model is wrapped in DDP. With one process every
+reduction is the identity, so the loop is the plain one-process loop.
+
+``fsdp`` (``FullyShardedParallel``): PyTorch's FSDP2 (``fully_shard``), one unit per decoder layer plus
+the root. Every weight, its gradient and its optimizer state are split along dim 0 over the processes;
+a layer's weights are all-gathered only for its forward and backward. Plain ``torch.distributed``
+(accelerate is not needed: it would only forward to ``fully_shard``). Both classes have the same
+interface, so ``workflow.train_step`` does not branch on the engine.
 """
 from __future__ import annotations
+
+import math
+import os
 
 import numpy as np
 import torch
 
 from workflow.models import placement
+
+ENGINES = ("ddp", "fsdp")
+
+
+def make_parallel(settings: dict):
+    """The engine of ``training.parallel`` for ``training.precision`` (``settings``: the validated section)."""
+    kind = settings["parallel"]
+    if kind == "fsdp":
+        return FullyShardedParallel(settings["precision"])
+    if kind == "ddp":
+        return DataParallel(settings["precision"])
+    raise ValueError(f"training.parallel: {kind!r}; expected one of {ENGINES}")
 
 
 class DataParallel:
@@ -20,6 +42,8 @@ class DataParallel:
     accelerate sets up the device and, under torchrun, the process group; with one process
     (world 1) the reductions are the identity and the loop is the plain one-process loop.
     """
+
+    sharded = False  # every process holds whole weights
 
     def __init__(self, precision: str = "auto"):
         from accelerate import Accelerator
@@ -35,8 +59,19 @@ class DataParallel:
 
     def wrap(self, model):
         """The module the forward and backward passes go through: DDP with several processes, else
-        ``model`` itself (accelerate decides). The unwrapped ``model`` keeps the same Parameters."""
-        return self.accelerator.prepare_model(model)
+        ``model`` itself (accelerate decides); ``model`` is moved to this process's device first. The
+        unwrapped ``model`` keeps the same Parameters."""
+        return self.accelerator.prepare_model(model.to(self.device))
+
+    def bind(self, selected) -> None:
+        """Point the selected neurons at the weights the wrapped model trains (the same Parameters here),
+        with their indices on the weights' device (in place)."""
+        for s in selected or ():
+            s.index = s.index.to(s.weight.device)
+
+    def full_state_dict(self, model):
+        """The whole model's weights for saving, on process 0: None here (``model`` holds them itself)."""
+        return None
 
     def close(self) -> None:
         """End the process group of a multi-process run (nothing with one process)."""
@@ -79,3 +114,160 @@ class DataParallel:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+class FullyShardedParallel:
+    """This process's place in sharded training (FSDP2): the same interface as ``DataParallel``.
+
+    Under torchrun the process group comes from torchrun's environment (NCCL for GPU tensors and gloo
+    for CPU ones on GPUs; gloo on CPUs); run alone it is a group of one, so one process trains through
+    the same code. ``wrap`` shards the model in place: its Parameters are replaced by DTensors holding
+    this process's rows (dim 0), which is why the selected neurons are re-bound (``bind``) and the
+    optimizer is built after wrapping. With bf16 (``training.precision``) parameters are all-gathered
+    and computed in bf16 while the sharded fp32 weights stay the master copy, gradients are
+    reduce-scattered in fp32, and the optimizer state is fp32 (``MixedPrecisionPolicy``).
+    """
+
+    sharded = True
+
+    def __init__(self, precision: str = "auto"):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device, dtype = placement(precision)  # the same precision rule as every stage
+        self.bf16 = dtype == torch.bfloat16
+        if device == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.owns_group = not dist.is_initialized()
+        if self.owns_group:
+            # NCCL reduces GPU tensors; gloo the CPU ones (a scalar sum, DCP's planning) on the same group
+            backend = "cuda:nccl,cpu:gloo" if device == "cuda" else "gloo"
+            if "WORLD_SIZE" in os.environ:  # torchrun (or srun + torchrun): rendezvous from the environment
+                dist.init_process_group(backend)
+            else:  # one process, no launcher: a group of one
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.main = self.rank == 0
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        self._renamed: dict[int, str] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}
+
+    def wrap(self, model):
+        """Shard ``model`` in place (one FSDP unit per decoder layer, then the root) and return it.
+
+        The parameters move to this process's device shard by shard (``fully_shard`` does it), so a
+        GPU never holds the whole fp32 model."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16
+                  else MixedPrecisionPolicy())
+        self._renamed = {id(p): name for name, p in model.named_parameters()}
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        self._params = dict(model.named_parameters())
+        self._tied = tied_parameter_names(model)
+        return model
+
+    def bind(self, selected) -> None:
+        """Point the selected neurons at the sharded weights (in place), with indices into this process's
+        rows: down_proj-style weights (neurons along dim 1) keep every index, since each process holds
+        some rows of every column; weights whose neurons lie along dim 0 (GPT-2's Conv1D, ``subspace:
+        full``) keep the neurons in this process's row range, as local row numbers."""
+        for s in selected or ():
+            if id(s.weight) not in self._renamed:
+                raise RuntimeError("selected neurons must be bound to the model before it is wrapped")
+            weight = self._params[self._renamed[id(s.weight)]]
+            index = s.index
+            if s.axis == 0:
+                start, rows = shard_rows(weight.shape[0], self.world, self.rank)
+                if rows != weight.to_local().shape[0]:
+                    raise RuntimeError(f"unexpected FSDP shard of {tuple(weight.shape)}: {weight.to_local().shape[0]} "
+                                       f"rows on process {self.rank}, expected {rows}")
+                index = index[(index >= start) & (index < start + rows)] - start
+            s.weight, s.index = weight, index.to(self.device)
+
+    def full_state_dict(self, model) -> dict:
+        """Every weight gathered in full to process 0's CPU memory (empty on the other processes): a
+        collective, every process must call it. Tied weights (input and output embeddings) share one
+        tensor, so ``save_pretrained`` writes them once, as it does for an unsharded model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.main:
+            for first, others in self._tied.items():
+                for name in others:
+                    if first in state and name in state:
+                        state[name] = state[first]
+        return state
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+    def autocast(self):
+        """bf16 autocast on top of the bf16 parameters (as under DDP): ops autocast keeps in fp32
+        (log-softmax, reductions) stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t, op=op)
+        return t
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.SUM)
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.MAX)
+
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over a weight's pieces: each process passes the sum over its own rows (of a norm, a dot
+        product); the all-reduced total is the same on every process."""
+        return self._reduce(torch.as_tensor(t, dtype=torch.float32), torch.distributed.ReduceOp.SUM)
+
+    def average_gradients(self, weights) -> None:
+        """Nothing to do: FSDP reduce-scatters every trainable weight's gradient, and frozen weights
+        (LoRA) are refused under fsdp."""
+        if list(weights):
+            raise RuntimeError("training.parallel fsdp does not train with frozen perturbed weights (LoRA)")
+
+    def share(self, idx: np.ndarray) -> np.ndarray:
+        """This process's part of a global batch (contiguous, sizes differing by at most one)."""
+        return np.array_split(idx, self.world)[self.rank]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers names their class in ``_no_split_modules``: the unit
+    it never splits across devices), each one FSDP unit."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"training.parallel fsdp: no decoder layers found in {type(model).__name__} "
+                         f"(looked for modules of class {sorted(names) or 'named in _no_split_modules'})")
+    return layers
+
+
+def tied_parameter_names(model) -> dict[str, list[str]]:
+    """First name of every parameter registered under several names -> its other names."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {names[0]: names[1:] for names in by_id.values() if len(names) > 1}
+
+
+def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, rows) of process ``rank``'s shard of a dim of size ``n``: FSDP2 splits dim 0 like
+    ``torch.chunk``, ceil(n / world) rows each, the last processes holding fewer (or none)."""
+    size = math.ceil(n / world)
+    start = min(rank * size, n)
+    return start, min(size, n - start)

@@ -12,6 +12,12 @@ change anything?): the move's length, the fraction of moved weights whose value 
 precision changed, and how far the gradient at the moved point differs from the gradient at θ.
 Every norm, dot product and count is a sum of local parts passed through ``sum_over_shards``
 (``DataParallel.sum_over_shards``), so it stays right when weights and gradients are sharded.
+
+Under sharded training (``training.parallel: fsdp``) a weight and its gradient are DTensors of which
+this process holds some rows; every function here works on ``local(...)``, this process's rows, with
+``SelectedNeurons.index`` already in local terms (``FullyShardedParallel.bind``). The move and the
+restore are then local to each process and no weight is ever gathered; a sum over the selection (a
+norm) is a local sum that ``sum_over_shards`` totals.
 """
 from __future__ import annotations
 
@@ -38,12 +44,18 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a weight or gradient: the local rows of a sharded DTensor (the same
+    storage, so in-place changes under no_grad reach the sharded weight), else ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
 def selected_grad_norm(selected: list[SelectedNeurons], sum_over_shards=_identity) -> float:
     """‖∇W[selected]‖₂ over all selected slices together. ``sum_over_shards`` adds up the parts held by
     other processes when weights are sharded (``DataParallel.sum_over_shards``; identity otherwise)."""
-    local = sum(s.weight.grad.index_select(s.axis, s.index).float().pow(2).sum() for s in selected)
-    return float(sum_over_shards(torch.as_tensor(local))) ** 0.5
+    part = sum(local(s.weight.grad).index_select(s.axis, s.index).float().pow(2).sum() for s in selected)
+    return float(sum_over_shards(torch.as_tensor(part))) ** 0.5
 
 
 def step_size(sharpness: dict, selected: list[SelectedNeurons], rng, sum_over_shards=_identity,
@@ -75,8 +87,9 @@ def perturb_selected(selected: list[SelectedNeurons], gamma: float) -> list[torc
     for s in selected:
         if s.weight.grad is None:
             raise RuntimeError("perturb_selected needs gradients: call backward() first")
-        saved.append(s.weight.index_select(s.axis, s.index))
-        s.weight.index_add_(s.axis, s.index, s.weight.grad.index_select(s.axis, s.index), alpha=gamma)
+        weight, grad = local(s.weight), local(s.weight.grad)
+        saved.append(weight.index_select(s.axis, s.index))
+        weight.index_add_(s.axis, s.index, grad.index_select(s.axis, s.index), alpha=gamma)
     return saved
 
 
@@ -84,7 +97,7 @@ def perturb_selected(selected: list[SelectedNeurons], gamma: float) -> list[torc
 def restore_selected(selected: list[SelectedNeurons], saved: list[torch.Tensor]) -> None:
     """Undo ``perturb_selected`` exactly by copying the saved slices back."""
     for s, original in zip(selected, saved):
-        s.weight.index_copy_(s.axis, s.index, original)
+        local(s.weight).index_copy_(s.axis, s.index, original)
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,12 @@ through accelerate (DDP; gloo on CPU, NCCL on GPUs): each global batch is split 
 gradients are averaged before the perturbation, so every process moves the same selected columns by
 the same amount, and the result equals a one-process run on the whole batch (Dr.DPO included, see
 ``losses.data_parallel_reduction``). Only process 0 writes checkpoints and outputs.
+
+With ``training.parallel: fsdp`` the processes shard the model instead of copying it (FSDP2, see
+``workflow.parallel``): each holds some rows of every weight, gradient and optimizer state, the ShaPO
+move is applied to each process's rows of the selected columns, checkpoints are sharded
+(``checkpoint.ShardedCheckpointer``), and the final weights are gathered once to process 0, which
+writes the same safetensors folder as above. The batches, reductions and results are the same.
 """
 from __future__ import annotations
 
@@ -40,14 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.checkpoint import Checkpointer, file_digest, fingerprint
+from workflow.checkpoint import Checkpointer, file_digest, fingerprint, make_checkpointer
 from workflow.config import fill_defaults
 from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.losses import soft_labels
 from workflow.models import PROVENANCE, load_model, load_tokenizer
 from workflow.optim import make_optimizer
 from workflow.pairs import collate_pairs, encode_response_pair, text_key
-from workflow.parallel import DataParallel
+from workflow.parallel import DataParallel, FullyShardedParallel, make_parallel
 from workflow.progress import progress
 from workflow.sharpness import matched_reference, perturbed_set
 from workflow.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
@@ -151,17 +157,20 @@ class StepReport:
 
 
 def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
-          parallel: DataParallel | None = None, tensorboard_dir: str | None = None, matched_to=None):
+          parallel: DataParallel | FullyShardedParallel | None = None, tensorboard_dir: str | None = None,
+          matched_to=None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
     ``settings`` is the validated ``training`` section (``workflow.config.fill_defaults``). With a
     ``checkpointer`` the loop saves every few steps and first resumes from a matching checkpoint,
     restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
-    same weights as an uninterrupted one. ``parallel`` places the model and splits each batch over
-    data-parallel processes (default: this process alone). One step is ``train_step.train_step``.
-    ``matched_to``: the probe-selected neurons a ``matched`` control copies the move length of.
+    same weights as an uninterrupted one. ``parallel`` places (or shards) the model and splits each
+    batch over the processes (default: ``training.parallel`` in this process alone). ``selected`` is
+    bound to the weights the wrapped model trains, in place (under fsdp: the sharded ones). One step is
+    ``train_step.train_step``. ``matched_to``: the probe-selected neurons a ``matched`` control copies
+    the move length of (bound like ``selected``).
     """
-    parallel = parallel or DataParallel(settings["precision"])
+    parallel = parallel or make_parallel(settings)
     used = pairs_used(len(records), settings["batch_size"], parallel.world)
     if used < len(records) and parallel.main:
         print(json.dumps({"left_out_per_epoch": len(records) - used, "reason": "last batch smaller than devices"}),
@@ -170,18 +179,20 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
         raise ValueError("sharpness-aware training needs a non-empty subspace")
     if method.get("sharpness", {}).get("perturbation") == "matched" and not matched_to:
         raise ValueError("sharpness.perturbation matched needs the probe-selected neurons (matched_to)")
-    model.to(parallel.device)
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings["prompt_format"]) for r in records]
     bs = settings["batch_size"]
     steps_per_epoch = math.ceil(used / bs)
     total = steps_per_epoch * settings["epochs"]
+    # wrap first: FSDP replaces the Parameters by sharded ones, which the optimizer and ``selected`` must
+    # hold (under DDP the unwrapped ``model`` keeps the Parameter objects the wrapper uses)
+    forward = parallel.wrap(model)
+    parallel.bind(selected)
+    parallel.bind(matched_to)
     optimizer, scheduler = make_optimizer(model.parameters(), settings, total)
     rng = np.random.default_rng(seed)
-    # the unwrapped ``model`` keeps the Parameter objects the DDP wrapper uses, so ``selected`` and
-    # checkpoints refer to it
-    trainer = Trainer(model, parallel.wrap(model), optimizer, scheduler, method, settings, parallel, selected,
-                      random.Random(seed), matched_to)
+    trainer = Trainer(model, forward, optimizer, scheduler, method, settings, parallel, selected, random.Random(seed),
+                      matched_to)
     log, step, first_epoch, order = [], 0, 0, None
     resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
     if resumed:
@@ -203,7 +214,7 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
             log.append(row)
             report(row)
             if checkpointer and checkpointer.due(step, total):
-                if parallel.main:
+                if parallel.main or checkpointer.collective:
                     checkpointer.save(model, optimizer, scheduler, {"step": step, "epoch": epoch,
                                                                     "order": order.tolist(), "log": log},
                                       (rng, trainer.gamma_rng))
@@ -233,8 +244,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     method = fill_defaults(json.loads(a.method_json), "presets/*")
     settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
-    if a.threads:  # the job's threads, shared by its data-parallel processes
-        torch.set_num_threads(max(1, a.threads // int(os.environ.get("WORLD_SIZE", "1"))))
+    if a.threads:  # the job's threads (per node), shared by the training processes on this node
+        torch.set_num_threads(max(1, a.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(a.seed)
 
     records = read_jsonl(a.pairs)
@@ -249,6 +260,9 @@ def main(argv=None):
                           "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
                           "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
               flush=True)
+    if settings.get("lora") and settings["parallel"] == "fsdp":
+        raise ValueError("training.lora: not supported with training.parallel fsdp (LoRA trains a model that fits"
+                         " one GPU: use parallel ddp; fsdp is for full fine-tuning)")
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     matched_to = matched_reference(model, method["sharpness"], a.subspace) if method.get("sharpness") else None
@@ -259,20 +273,29 @@ def main(argv=None):
     # invalidate a checkpoint
     kept = {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to", "save_dtype")}
     key = fingerprint(method, kept, a.seed, inputs, str(Path(a.model).resolve()))
-    checkpointer = Checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"], key)
-    parallel = DataParallel(settings["precision"])
+    parallel = make_parallel(settings)
+    if parallel.main:
+        print(json.dumps({"parallel": settings["parallel"], "processes": parallel.world,
+                          "device": str(parallel.device), "bf16": parallel.bf16}), flush=True)
+    checkpointer = make_checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"],
+                                     key, parallel)
     log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
                 a.tensorboard, matched_to)
+    weights = parallel.full_state_dict(model)  # fsdp: gathered to process 0 (a collective); ddp: None
     parallel.close()
-    if not parallel.main:  # every process holds the same weights; process 0 writes them
+    if not parallel.main:  # process 0 holds (or has gathered) the whole model and writes it
         return
 
     if settings.get("lora"):
         model = model.merge_and_unload()  # downstream stages load an ordinary model
     if settings["save_dtype"] != "fp32":  # rounds every weight (training.save_dtype; docs/sizing.md)
-        model = model.to(SAVE_DTYPES[settings["save_dtype"]])
+        dtype = SAVE_DTYPES[settings["save_dtype"]]
+        if weights is None:
+            model = model.to(dtype)
+        else:  # fsdp: the gathered full weights are what is saved
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     with atomic_dir(a.output) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         load_tokenizer(a.model).save_pretrained(tmp)
         if (Path(a.model) / PROVENANCE).exists():  # carries the base model's origin (and remote-code setting)
             shutil.copy(Path(a.model) / PROVENANCE, tmp / PROVENANCE)
