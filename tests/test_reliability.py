@@ -1,5 +1,6 @@
 """Interruption, determinism and artefact safety (issue: Reliability)."""
 import glob
+import hashlib
 import os
 import re
 import signal
@@ -16,22 +17,69 @@ from workflow.files import atomic_path, write_text
 from workflow.locks import OWNER_FILE, clear_stale_locks, record_owner
 
 
-def start_and_kill(workdir: Path, marker: str, sig: int, timeout: float = 300) -> None:
-    """Start the workflow, wait until a file matching ``marker`` appears, then send ``sig`` to every process."""
-    proc = subprocess.Popen(snakemake_command(workdir), cwd=workdir, env=SNAKEMAKE_ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while not glob.glob(str(workdir / marker)):
-            if proc.poll() is not None:
-                raise AssertionError(f"workflow ended (rc {proc.returncode}) before {marker} appeared")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{marker} did not appear within {timeout} s")
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
+def start_and_kill(workdir: Path, marker: str, sig: int, log: Path, timeout: float = 3600) -> list[str]:
+    """Start the whole workflow (its output to ``log``), wait until a job whose log matches ``marker`` has
+    started, then send ``sig`` to every process of the run: Snakemake and its jobs. Returns the matching logs.
+
+    The marker must name a job no earlier run started (checked): a log left by an earlier run would match at
+    once and the kill would land before Snakemake even started. ``timeout`` only guards against a hang (the
+    loop ends as soon as the run does): on a loaded machine a run takes minutes to reach a marker (301.6 s
+    measured at load 12.6 on 2 cores, past the 300 s this test once allowed).
+    """
+    assert not glob.glob(str(workdir / marker)), f"{marker} exists before the run: it cannot mark where this run is"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(snakemake_command(workdir), cwd=workdir, env=SNAKEMAKE_ENV, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while not (found := glob.glob(str(workdir / marker))):
+                if proc.poll() is not None:
+                    raise AssertionError(f"workflow ended (rc {proc.returncode}) before {marker} appeared:\n"
+                                         + log.read_text()[-3000:])
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{marker} did not appear within {timeout} s")
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+            proc.wait(timeout=600)  # a SIGTERM lets Snakemake clean up first
+    return sorted(os.path.relpath(f, workdir) for f in found)
+
+
+def job_blocks(text: str) -> list[dict[str, str]]:
+    """The jobs Snakemake announced in its output: rule, and each field of the block (input, log, reason, ...)."""
+    blocks, block = [], None
+    for line in text.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.rstrip().endswith(":"):
+            block = {"rule": line.split()[-1].rstrip(":")}
+            blocks.append(block)
+        elif block is not None and line.startswith("    ") and ": " in line:
+            key, _, value = line.strip().partition(": ")
+            block.setdefault(key, value)
+        else:
+            block = None
+    return blocks
+
+
+def killed_job_inputs(log: Path, job_logs: list[str]) -> list[str]:
+    """Input files and folders of the jobs whose logs are ``job_logs`` (the jobs a kill landed in)."""
+    blocks = [b for b in job_blocks(log.read_text()) if b.get("log") in job_logs]
+    assert len(blocks) == len(job_logs), f"no job block for {job_logs} in {log}"
+    return sorted({p for b in blocks for p in b["input"].split(", ")})
+
+
+def fingerprints(workdir: Path, paths: list[str]) -> dict[str, tuple[int, str]]:
+    """(mtime in ns, sha256) of every file of ``paths`` (a folder: every file inside it)."""
+    files = [f for p in paths for f in ([workdir / p] if (workdir / p).is_file() else sorted((workdir / p).rglob("*")))
+             if f.is_file()]
+    return {str(f.relative_to(workdir)): (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+            for f in files}
+
+
+# Why Snakemake may rerun a job of an interrupted run: its output is missing, it was marked incomplete
+# (rerun-incomplete: "Forced execution"), or an input was rebuilt by this run. An "Updated input files"
+# (mtime), params, code or input-set reason would mean the resume itself changed something.
+RESUME_REASONS = ("Missing output files", "Forced execution", "Input files updated by another job")
 
 
 def policy_weights(workdir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -56,23 +104,43 @@ def assert_same_results(a: Path, b: Path) -> None:
 
 def test_killed_runs_resume_without_recomputing_and_match_an_uninterrupted_run(reference_run, tmp_path,
                                                                               tiny_model_dir):
+    """Three real runs killed at points fixed by the DAG, not by the scheduler's order (which varies from
+    run to run): each kill lands in a job no earlier run reached, so every input of that job is finished, and
+    none of them (nor, through them, anything upstream) may be recomputed by the runs that follow."""
     workdir = tmp_path / "interrupted"
     workdir.mkdir()
     write_config(workdir, tiny_config(tiny_model_dir))
-    # SIGTERM while the first policy trains; SIGKILL (no clean-up at all) during generation and judging
-    start_and_kill(workdir, "results/logs/train_policy/*.log", signal.SIGTERM)
-    base_model = workdir / "results/models/base/model.safetensors"
-    assert base_model.exists()
-    base_mtime = base_model.stat().st_mtime_ns
-    start_and_kill(workdir, "results/logs/generate/dpo/*/*/*.log", signal.SIGKILL)
-    assert list((workdir / ".snakemake/locks").glob("*.lock")), "SIGKILL should leave Snakemake's lock behind"
-    start_and_kill(workdir, "results/logs/judge/*/shapo/*/*/*.log", signal.SIGKILL)
+    locks = workdir / ".snakemake/locks"
+    kept = {}  # every file a killed job read, as it was at the kill
+
+    def kill(marker: str, sig: int, name: str) -> list[str]:
+        log = tmp_path / f"{name}.log"
+        inputs = killed_job_inputs(log, start_and_kill(workdir, marker, sig, log))
+        kept.update(fingerprints(workdir, inputs))
+        return inputs
+
+    # SIGTERM while the first policy trains: Snakemake stops its jobs, removes their outputs and its lock
+    assert "results/models/base" in kill("results/logs/train_policy/*.log", signal.SIGTERM, "1-sigterm-training")
+    assert not list(locks.glob("*.lock")), "a SIGTERM should stop Snakemake cleanly"
+    # SIGKILL (no clean-up at all) while the first trained policy answers: no run has generated with one before
+    assert any(p.startswith("results/policies/") for p in
+               kill("results/logs/generate/*/*/*/*.log", signal.SIGKILL, "2-sigkill-generation"))
+    assert list(locks.glob("*.lock")), "SIGKILL should leave Snakemake's lock behind"
+    # SIGKILL while a ShaPO policy's answers are judged: no run has judged a policy's answers before, and
+    # ShaPO was trained on the finished probe and subspace
+    assert any(p.startswith("results/generations/shapo/") for p in
+               kill("results/logs/judge/*/shapo/*/*/*.log", signal.SIGKILL, "3-sigkill-judging"))
     assert not (workdir / "results/tables/harmful_rate.csv").exists()
-    # no temporary file is left where an output should be, and none is taken as an output
     final = run_snakemake(workdir)
+    text = final.stdout + final.stderr
+    (tmp_path / "4-final.log").write_text(text)
     ran = jobs_run(final)
     assert "prepare_model" not in ran and "train_probe" not in ran and "report" in ran
-    assert base_model.stat().st_mtime_ns == base_mtime
+    for job in job_blocks(text):
+        assert all(part.startswith(RESUME_REASONS) for part in job["reason"].split("; ")), (job["rule"], job["reason"])
+    # nothing a killed job had read was rewritten (were anything upstream rerun, it would have been)
+    assert {p for p, stamp in kept.items() if fingerprints(workdir, [p]).get(p) != stamp} == set()
+    # no temporary file is left where an output should be, and none is taken as an output
     assert not [p for p in (workdir / "results").rglob("*") if p.name.endswith((".tmp",))]
     assert_same_results(reference_run[0], workdir)
 

@@ -205,6 +205,9 @@ def check_judges(config: dict) -> None:
         spec = config["judges"][j]
         if spec["type"] != "refusal_markers" and "model" not in spec:
             raise ConfigError(f"config key judges.{j}.model: required for a {spec['type']} judge (hub id or local folder)")
+        if not spec["builtin_markers"] and not spec["markers"]:
+            raise ConfigError(f"config key judges.{j}.markers: builtin_markers is false, so at least one refusal phrase"
+                              " is needed (else no answer could count as a refusal)")
 
 
 def check_benchmarks(config: dict) -> None:
