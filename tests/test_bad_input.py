@@ -1,6 +1,6 @@
 """Bad input stops with a message naming the file, row or config key and what was expected.
 
-Each case here is listed in the README's "Bad input" table.
+Each case here is listed in the "Bad input" table of docs/reliability.md.
 """
 import json
 
