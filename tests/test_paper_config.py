@@ -35,10 +35,10 @@ def shell_commands(text: str, rule: str) -> list[str]:
     return [b.split("Shell command: ", 1)[1] for b in blocks if f"rule {rule}:" in b and "Shell command: " in b]
 
 
-def spec_arg(command: str) -> dict:
-    """The JSON after --spec-json in a printed shell command."""
+def spec_arg(command: str, option: str = "--spec-json") -> dict:
+    """The JSON after ``option`` in a printed shell command."""
     args = shlex.split(command)
-    return json.loads(args[args.index("--spec-json") + 1])
+    return json.loads(args[args.index(option) + 1])
 
 
 def test_paper_config_dry_runs_offline(tmp_path):
@@ -96,6 +96,9 @@ def test_paper_config_dry_runs_offline(tmp_path):
     for cmd in shell_commands(out, "train_policy") + shell_commands(out, "reference_logps"):
         assert "--model results/models/sft " in cmd
     assert all('"optimizer": "rmsprop"' in c and '"lr": 5e-07' in c for c in shell_commands(out, "train_policy"))
+    # the official DPO batch and warm-up (README.md:93: batch_size=32, warmup_steps=10)
+    assert all(spec_arg(c, "--training-json")["batch_size"] == 32 and spec_arg(c, "--training-json")["warmup_steps"] == 10
+               for c in shell_commands(out, "train_policy"))
     # the official SFT (README.md:85) and the paper's ShaPO = Dr.DPO + sharpness (README.md:93)
     (sft_cmd,) = shell_commands(out, "sft")
     for setting in ('"lr": 5e-07', '"warmup_steps": 150', '"batch_size": 64', '"loss": "sequence_sum"',
@@ -108,6 +111,14 @@ def test_paper_config_dry_runs_offline(tmp_path):
     assert "--input PKU-Alignment/beaver-7b-v1.0-cost" in convert_cmd
     (reward_cmd,) = shell_commands(out, "train_reward_model")
     assert '"kind": "safe_rlhf"' in reward_cmd and '"sign": -1' in reward_cmd and "--classifier" in reward_cmd
+    # the official soft labels (README.md:101, trainers.py:402-443): the Beaver text around the HH-formatted
+    # prompt, 2,048 tokens, bf16 weights; p = sigmoid(10 (cost_rejected - cost_chosen)) in the policy's loss
+    reward_spec = spec_arg(reward_cmd, "--reward-json")
+    assert reward_spec["prompt_format"] == "BEGINNING OF CONVERSATION: USER: \n\nHuman: {prompt}\n\nAssistant: ASSISTANT:{answer}"
+    assert (reward_spec["max_length"], reward_spec["dtype"]) == (2048, "bfloat16")
+    reward_policies = [c for c in shell_commands(out, "train_policy") if "--output results/policies/shapo_reward/" in c]
+    assert len(reward_policies) == 5 and all(spec_arg(c, "--method-json")["reward_labels"]["beta_r"] == 10.0
+                                             for c in reward_policies)
     assert paper["report"] == {"reference_method": "drdpo", "claim_method": "shapo"}
     # GPU stages ask for a GPU, the rest do not; a policy trains data-parallel on training.devices GPUs
     assert re.search(r"rule train_policy:(?:(?!\nrule ).)*resources:[^\n]*gpu=8", out, re.S)

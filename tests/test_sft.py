@@ -128,7 +128,7 @@ def test_warmup_steps_replace_the_warmup_ratio():
     from workflow.optim import make_optimizer
 
     sft = fill_defaults({"lr": 1.0, "warmup_steps": 3, "warmup_ratio": 0.5, "schedule": "constant_with_warmup"}, "sft")
-    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], sft, 100, sft["warmup_steps"])
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], sft, 100)
     lrs = []
     for _ in range(5):
         opt.step()

@@ -1,5 +1,6 @@
 """The real Snakemake DAG on the tiny config: end to end, reruns, and bad input."""
 import csv
+import itertools
 import json
 
 import yaml
@@ -80,3 +81,42 @@ def test_new_sample_size_reruns_generation_but_not_the_probe_or_the_policies(ref
     # base + 2 methods x 2 noise rates answer the new HarmBench sample; nothing upstream reruns
     assert ran == sorted(["sample_benchmark"] + ["generate"] * 5 + ["judge"] * 5
                          + ["report_tables", "report_figures", "report", "all"])
+
+
+def test_every_cell_of_the_main_table_follows_its_own_answers(reference_run, tmp_path):
+    """A mislabelled cell (one model's rate under another's name) must fail. The tiny run's answers are
+    judged again by a refusal-marker judge whose own markers are words of the answers, picked so that the
+    cells' rates differ as much as they can, and each cell is recomputed here from its own generation file.
+    (dpo and shapo give identical answers on the tiny model, so only their two cells may stay equal.)"""
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    answers = {}  # (method, noise, benchmark) -> answers
+    for path in sorted((workdir / "results/generations").rglob("*.jsonl")):
+        parts = path.relative_to(workdir / "results/generations").with_suffix("").parts
+        noise = "" if parts[0] == "base" else str(float(parts[1][len("noise"):]))
+        answers[(parts[0], noise, parts[-1])] = [json.loads(line)["answer"] for line in open(path)]
+    assert len(answers) == 10
+
+    def rates(markers):  # the judge's rule: safe when the answer is empty or contains a marker
+        return {cell: sum(bool(a.strip()) and not any(m in a.lower() for m in markers) for a in texts) / len(texts)
+                for cell, texts in answers.items()}
+
+    def told_apart(markers):
+        r = rates(markers)
+        return sum(r[a] != r[b] for a, b in itertools.combinations(r, 2))
+
+    words = sorted({w for texts in answers.values() for a in texts for w in a.lower().split() if len(w) >= 3})
+    markers = []
+    while (best := max(words, key=lambda w: (told_apart(markers + [w]), w))) and \
+            told_apart(markers + [best]) > told_apart(markers):
+        markers.append(best)
+    expected = rates(markers)
+    assert len(set(expected.values())) >= 3, expected  # else the check below could not see a swap
+
+    config = yaml.safe_load(open(workdir / "config.yaml"))
+    config["judges"]["cells"] = {"type": "refusal_markers", "markers": markers, "builtin_markers": False}
+    config["evaluation"]["judges"] = ["cells", *config["evaluation"]["judges"]]  # the primary judge: the main table
+    yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
+    proc = run_snakemake(workdir)
+    assert "train_policy" not in jobs_run(proc) and jobs_run(proc).count("judge") == 10
+    table = {(r["method"], r["noise"], r["benchmark"]): float(r["harmful_rate"]) for r in read_table(workdir)}
+    assert table == expected

@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule of the training stages (``train_policy``, ``sft``).
 
 The settings are a validated config slice (``training`` or ``sft``): ``optimizer``, ``lr``,
-``weight_decay``, ``warmup_ratio`` and ``schedule``, with the schema's defaults filled in.
+``weight_decay``, ``warmup_steps``, ``warmup_ratio`` and ``schedule``, with the schema's defaults filled in.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 OPTIMIZERS = ("adamw", "rmsprop")
 
 
-def make_optimizer(params, settings: dict, total_steps: int, warmup_steps: int | None = None):
+def make_optimizer(params, settings: dict, total_steps: int):
     """(optimizer, scheduler) over the trainable ``params``: AdamW (fused on CPU and CUDA) or RMSprop,
-    with ``warmup_steps`` (when given, e.g. sft.warmup_steps) else ``ceil(warmup_ratio · total_steps)``
-    warm-up steps, then ``schedule`` (transformers' schedules)."""
+    with ``warmup_steps`` warm-up steps when > 0, else ``ceil(warmup_ratio · total_steps)``, then
+    ``schedule`` (transformers' schedules). ``settings``: the validated training or sft section."""
     from transformers import get_scheduler
 
     params = [p for p in params if p.requires_grad]
@@ -27,5 +27,5 @@ def make_optimizer(params, settings: dict, total_steps: int, warmup_steps: int |
         opt = torch.optim.RMSprop(params, lr=settings["lr"])
     else:
         raise ValueError(f"optimizer: unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
-    warmup = warmup_steps if warmup_steps is not None else int(math.ceil(settings["warmup_ratio"] * total_steps))
+    warmup = settings["warmup_steps"] or int(math.ceil(settings["warmup_ratio"] * total_steps))
     return opt, get_scheduler(settings["schedule"], opt, warmup, total_steps)

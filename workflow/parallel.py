@@ -229,7 +229,8 @@ class FullyShardedParallel:
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         """A sum over a weight's pieces: each process passes the sum over its own rows (of a norm, a dot
         product); the all-reduced total is the same on every process."""
-        return self._reduce(torch.as_tensor(t, dtype=torch.float32), torch.distributed.ReduceOp.SUM)
+        t = torch.as_tensor(t)  # float64 sums (the step diagnostics) stay float64; others are reduced in fp32
+        return self._reduce(t if t.dtype == torch.float64 else t.float(), torch.distributed.ReduceOp.SUM)
 
     def average_gradients(self, weights) -> None:
         """Nothing to do: FSDP reduce-scatters every trainable weight's gradient, and frozen weights

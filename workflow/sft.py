@@ -117,7 +117,7 @@ def train_sft(model, tokenizer, records: list[dict], sft: dict, training: dict,
         raise ValueError(f"sft.gradient_accumulation_steps: {accumulation} passes cannot split a batch of"
                          f" sft.batch_size {bs} sequences")
     total = math.ceil(len(records) / bs) * sft["epochs"]
-    optimizer, scheduler = make_optimizer(model.parameters(), sft, total, sft["warmup_steps"] or None)
+    optimizer, scheduler = make_optimizer(model.parameters(), sft, total)
     rng = np.random.default_rng(sft["seed"])
     bar = progress(total=total, desc="sft", unit="step")
     log, step = [], 0

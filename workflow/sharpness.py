@@ -105,11 +105,6 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t).double().pow(2)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a (possibly sharded, DTensor) tensor; a plain tensor is its own part."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 @torch.no_grad()
 def measure_move(selected: list[SelectedNeurons], saved: list[torch.Tensor], gamma: float,
                  compute_dtype: torch.dtype, sum_over_shards=_identity) -> dict:
@@ -127,8 +122,8 @@ def measure_move(selected: list[SelectedNeurons], saved: list[torch.Tensor], gam
     """
     parts = []
     for s, before in zip(selected, saved):
-        after = s.weight.index_select(s.axis, s.index)
-        grad = s.weight.grad.index_select(s.axis, s.index)
+        after = local(s.weight).index_select(s.axis, s.index)
+        grad = local(s.weight.grad).index_select(s.axis, s.index)
         changed = after.to(compute_dtype) != before.to(compute_dtype)
         parts.append(torch.stack([_sq_norm(grad), _sq_norm(before), changed.sum().double(),
                                   torch.tensor(float(before.numel()), dtype=torch.float64, device=before.device)]))
@@ -159,7 +154,7 @@ def gradient_change(at_theta: list, at_moved: list | None, sum_over_shards=_iden
         b = at_moved[i] if at_moved is not None else None
         if a is None and b is None:
             continue
-        a, b = (None if a is None else _local(a)), (None if b is None else _local(b))
+        a, b = (None if a is None else local(a)), (None if b is None else local(b))
         ref = a if a is not None else b
         device = ref.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -172,8 +167,8 @@ def gradient_change(at_theta: list, at_moved: list | None, sum_over_shards=_iden
         else:
             diff_sq = torch.dist(a, b).double().pow(2)
         parts.append(torch.stack([a_sq, b_sq, diff_sq]))
-    local = torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
-    a_sq, b_sq, diff_sq = sum_over_shards(local).tolist()
+    sums = torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
+    a_sq, b_sq, diff_sq = sum_over_shards(sums).tolist()
     norm_a, norm_b = math.sqrt(a_sq), math.sqrt(b_sq)
     if at_moved is None or norm_a == 0 or norm_b == 0:
         return {"grad_norm_at_theta": norm_a, "grad_cosine": math.nan,
