@@ -39,14 +39,16 @@ rule train_policy:
         # reward-level methods only: the reward model's score of every (clean) training pair
         rewards=lambda wc: rules.train_reward_model.output.rewards if uses_reward(config["presets"][wc.method]) else [],
     output:
-        policy=directory("results/policies/{method}/noise{noise}/seed{seed}"),
+        # training.keep_policies false: deleted once every job that reads it has run (results/ stays small)
+        policy=(directory if config["training"]["keep_policies"] else lambda p: temp(directory(p)))(
+            "results/policies/{method}/noise{noise}/seed{seed}"),
         log="results/policies/{method}/noise{noise}/seed{seed}.train_log.tsv",
         **tensorboard_output(),
     params:
         subspace=lambda wc, input: f"--subspace {input.subspace}" if input.subspace else "",
         rewards=lambda wc, input: f"--rewards {input.rewards}" if input.rewards else "",
         method=lambda wc: as_json(config["presets"][wc.method]),
-        settings=as_json(config["training"]),
+        settings=as_json({k: v for k, v in config["training"].items() if k != "keep_policies"}),
         prompt_format=config["model"]["prompt_format"],
         launcher=training_launcher(config),
         tensorboard=lambda wc, output: f"--tensorboard {output.tensorboard}" if "tensorboard" in output.keys() else "",

@@ -54,7 +54,8 @@ def tiny_config(model_dir: Path) -> dict:
     config["methods"], config["seeds"] = ["dpo", "shapo"], [0]
     config["probe"]["data"].update(unsafe={"path": str(FIXTURES / "probe_unsafe.json")},
                                    safe={"path": str(FIXTURES / "probe_safe.json")}, n_per_class=12)
-    config["training"].update(batch_size=4, max_length=64, max_prompt_length=32, lr=1e-3)
+    # tests read the trained policies, so they stay on disk (the default deletes them once used)
+    config["training"].update(batch_size=4, max_length=64, max_prompt_length=32, lr=1e-3, keep_policies=True)
     config["subspace"]["percent"] = 10.0
     config["benchmarks"] = {
         "harmbench": {"source": {"path": str(FIXTURES / "harmbench.csv")}, "prompt_column": "Behavior",

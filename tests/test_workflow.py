@@ -64,8 +64,8 @@ def test_changed_parameter_reruns_only_the_affected_part(reference_run, tmp_path
     yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
     proc = run_snakemake(workdir)
     ran = sorted(jobs_run(proc))
-    assert ran == sorted(["train_policy"] * 2 + ["generate"] * 4 + ["judge"] * 4
-                         + ["report_tables", "report_figures", "report", "all"])
+    assert ran == sorted(["train_policy"] * 2 + ["generate"] * 4 + ["judge"] * 4 + ["score_preferences"] * 2
+                         + ["perturbation_summary", "report_tables", "report_figures", "report", "all"])
     assert (workdir / "results/policies/dpo/noise0/seed0/model.safetensors").stat().st_mtime_ns == dpo_weights
     assert len(read_table(workdir)) == len(before)
 
@@ -120,3 +120,17 @@ def test_every_cell_of_the_main_table_follows_its_own_answers(reference_run, tmp
     assert "train_policy" not in jobs_run(proc) and jobs_run(proc).count("judge") == 10
     table = {(r["method"], r["noise"], r["benchmark"]): float(r["harmful_rate"]) for r in read_table(workdir)}
     assert table == expected
+
+
+def test_policies_not_kept_are_deleted_once_used_and_retrain_nothing(reference_run, tmp_path):
+    """training.keep_policies false (the default's): a policy is a temp() output; switching it off changes no
+    result, so nothing reruns, and the policies go once every job that reads them is done."""
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    config = yaml.safe_load(open(workdir / "config.yaml"))
+    config["training"]["keep_policies"] = False
+    yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
+    assert jobs_run(run_snakemake(workdir)) == []
+    run_snakemake(workdir, "--delete-temp-output")  # what a run does after the last reader of each policy
+    assert not list((workdir / "results/policies").glob("*/noise*/seed*/model.safetensors"))
+    assert list((workdir / "results/policies").glob("*/noise*/seed*.train_log.tsv"))  # the logs stay
+    assert jobs_run(run_snakemake(workdir)) == []  # answers and scores exist: the missing policies are not retrained

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from workflow.config import schema_default  # noqa: E402
-from workflow.files import atomic_path  # noqa: E402
+from workflow.files import atomic_path, read_train_logs  # noqa: E402
 
 MARKERS = "osD^v<>"
 DASHES = ["-", "--", "-.", ":"]
@@ -105,24 +104,6 @@ def plot_preferences_vs_noise(prefs: pd.DataFrame, stem: Path) -> None:
     fig.suptitle("clean held-out pairs; error bars: 95% bootstrap CI over pairs and seeds", fontsize=9)
     fig.tight_layout()
     save(fig, stem)
-
-
-LOG_PATH = re.compile(r"(?P<method>[^/]+)/noise(?P<noise>[^/]+)/seed(?P<seed>[^/.]+)\.train_log\.tsv$")
-
-
-def read_train_logs(paths: list[str]) -> pd.DataFrame:
-    """Every training log, tagged with method, noise and seed from its path."""
-    frames = []
-    for path in paths:
-        m = LOG_PATH.search(str(path))
-        if not m:
-            raise ValueError(f"{path}: not a training log path (expected <method>/noise<ε>/seed<s>.train_log.tsv)")
-        log = pd.read_csv(path, sep="\t")
-        missing = {"step", "loss", "acc_clean", "acc_flipped", "n_clean", "n_flipped"} - set(log.columns)
-        if missing:
-            raise ValueError(f"{path}: training log has no column(s) {sorted(missing)}")
-        frames.append(log.assign(method=m["method"], noise=float(m["noise"]), seed=int(m["seed"])))
-    return pd.concat(frames, ignore_index=True)
 
 
 def smoothed_accuracy(log: pd.DataFrame, acc: str, n: str, window: int) -> pd.Series:
@@ -293,7 +274,7 @@ def main(argv=None):
     out = Path(a.figures)
     rates = pd.read_csv(a.rates)
     plot_rates_vs_noise(rates, out / "harmful_rate_vs_noise")
-    logs = read_train_logs(a.train_logs)
+    logs = read_train_logs(a.train_logs, ["step", "loss", "acc_clean", "acc_flipped", "n_clean", "n_flipped"])
     plot_training_curves(logs, out / "training_curves")
     if a.perturbation:
         plot_perturbation(logs, out / "perturbation_effect", a.inert_effective_fraction, a.inert_cosine_gap)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -82,3 +83,24 @@ def write_tsv(path, frame) -> None:
     """Write a pandas DataFrame as a tab-separated file, atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False)
+
+
+TRAIN_LOG_PATH = re.compile(r"(?P<method>[^/]+)/noise(?P<noise>[^/]+)/seed(?P<seed>[^/.]+)\.train_log\.tsv$")
+
+
+def read_train_logs(paths: list[str], needed, stale: str = ""):
+    """Every training log (a pandas frame), tagged with method, noise and seed from its path; a log without
+    one of the ``needed`` columns is refused, naming the file and the columns (``stale``: why, what to do)."""
+    import pandas as pd  # only the stages that read logs pay for pandas
+
+    frames = []
+    for path in paths:
+        m = TRAIN_LOG_PATH.search(str(path))
+        if not m:
+            raise ValueError(f"{path}: not a training log path (expected <method>/noise<ε>/seed<s>.train_log.tsv)")
+        log = pd.read_csv(path, sep="\t")
+        missing = sorted(set(needed) - set(log.columns))
+        if missing:
+            raise ValueError(f"{path}: training log has no column(s) {missing}{stale}")
+        frames.append(log.assign(method=m["method"], noise=float(m["noise"]), seed=int(m["seed"]), path=str(path)))
+    return pd.concat(frames, ignore_index=True)

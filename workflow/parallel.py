@@ -36,7 +36,26 @@ def make_parallel(settings: dict):
     raise ValueError(f"training.parallel: {kind!r}; expected one of {ENGINES}")
 
 
-class DataParallel:
+class Collectives:
+    """Reductions over the processes of a run, shared by both engines (the identity with one process)."""
+
+    world: int
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t, op=op)
+        return t
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.SUM)
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, torch.distributed.ReduceOp.MAX)
+
+
+class DataParallel(Collectives):
     """This process's place in (data-parallel) training: device, precision, rank and world size.
 
     accelerate sets up the device and, under torchrun, the process group; with one process
@@ -82,19 +101,6 @@ class DataParallel:
         """bf16 autocast of the forward pass when bf16 is on (weights and optimizer state stay fp32)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        t = t.detach().clone()
-        torch.distributed.all_reduce(t, op=op)
-        return t
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.SUM)
-
-    def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.MAX)
-
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         """A sum over a weight's pieces held by different processes (norms of selected slices, their dot
         products). Under DDP every process holds whole weights and identical gradients, so this is the
@@ -116,7 +122,7 @@ class DataParallel:
         self.accelerator.wait_for_everyone()
 
 
-class FullyShardedParallel:
+class FullyShardedParallel(Collectives):
     """This process's place in sharded training (FSDP2): the same interface as ``DataParallel``.
 
     Under torchrun the process group comes from torchrun's environment (NCCL for GPU tensors and gloo
@@ -212,19 +218,6 @@ class FullyShardedParallel:
         """bf16 autocast on top of the bf16 parameters (as under DDP): ops autocast keeps in fp32
         (log-softmax, reductions) stay fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        t = t.detach().clone()
-        torch.distributed.all_reduce(t, op=op)
-        return t
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.SUM)
-
-    def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, torch.distributed.ReduceOp.MAX)
 
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         """A sum over a weight's pieces: each process passes the sum over its own rows (of a norm, a dot

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 
 import numpy as np
 import pandas as pd
 
 from workflow.config import fill_defaults, schema_default
-from workflow.files import atomic_path, write_text
+from workflow.files import atomic_path, read_train_logs, write_text
 from workflow.stats import markdown
 
-LOG_PATH = re.compile(r"(?P<method>[^/]+)/noise(?P<noise>[^/]+)/seed(?P<seed>[^/.]+)\.train_log\.tsv$")
 NEEDED = ["step", "loss", "loss_perturbed", "sharpness_step", "move_norm", "move_relative", "effective_fraction",
           "grad_cosine", "grad_norm_change"]
 COLUMNS = ["method", "subspace", "perturbation", "size", "interval", "base", "policies", "steps", "move_norm",
@@ -40,18 +38,7 @@ COLUMNS = ["method", "subspace", "perturbation", "size", "interval", "base", "po
 
 def read_logs(paths: list[str]) -> pd.DataFrame:
     """The sharpness-aware steps of every training log, tagged with method, noise and seed from the path."""
-    frames = []
-    for path in paths:
-        m = LOG_PATH.search(str(path))
-        if not m:
-            raise ValueError(f"{path}: not a training log path (expected <method>/noise<ε>/seed<s>.train_log.tsv)")
-        log = pd.read_csv(path, sep="\t")
-        missing = sorted(set(NEEDED) - set(log.columns))
-        if missing:
-            raise ValueError(f"{path}: training log has no column(s) {missing}; it was written before the "
-                             "sharpness diagnostics existed: rerun train_policy")
-        frames.append(log.assign(method=m["method"], noise=float(m["noise"]), seed=int(m["seed"]), path=str(path)))
-    logs = pd.concat(frames, ignore_index=True)
+    logs = read_train_logs(paths, NEEDED, "; it was written before the sharpness diagnostics existed: rerun train_policy")
     return logs.assign(sharpness_step=logs.sharpness_step.astype(str).str.lower().eq("true"))
 
 
