@@ -49,12 +49,12 @@ def test_paired_bootstrap_detects_a_clear_difference_and_not_an_absent_one():
     rng = np.random.default_rng(0)
     a = (rng.random((3, 60)) < 0.8).astype(float)
     same = paired_bootstrap(a, a.copy(), n_boot=500, seed=0)
-    assert same == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}
+    assert same == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "se": 0.0}  # se: for the MDD
     b = a.copy()
     b[:, :30] = 0.0  # the other method is unsafe on half as many prompts
     res = paired_bootstrap(a, b, n_boot=1000, seed=0)
     assert res["diff"] == pytest.approx(b.mean() - a.mean())
-    assert res["ci_high"] < 0 and res["p"] < 0.01
+    assert res["ci_high"] < 0 and res["p"] < 0.01 and res["se"] > 0
     unjudged = paired_bootstrap(np.full((1, 5), np.nan), np.ones((1, 5)), n_boot=50)
     assert np.isnan(unjudged["p"]) and np.isnan(unjudged["ci_low"])
     with pytest.raises(ValueError, match="same prompts and seeds"):
