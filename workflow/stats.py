@@ -57,6 +57,16 @@ EXACT_BELOW = 25  # discordant pairs below which McNemar uses the exact binomial
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def tagged_frame(frames: list[pd.DataFrame], what: str) -> pd.DataFrame:
+    """Per-file frames as one, tagged with method, noise and seed (the base model: no noise, no seed)."""
+    if not frames:
+        raise ValueError(f"no {what} files given")
+    data = pd.concat(frames, ignore_index=True)
+    data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
+    data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
+    return data
+
+
 def load_judgements(paths: list[str]) -> pd.DataFrame:
     """One row per judged answer: judge, judge_type, method, noise, seed, benchmark, kind, id, category,
     unsafe, unsafe_parseable, refused.
@@ -98,12 +108,7 @@ def load_judgements(paths: list[str]) -> pd.DataFrame:
         frames.append(frame.assign(judge=judge, judge_type=judge_type, method=summary["method"],
                                    noise=summary["noise"], seed=summary["seed"], benchmark=summary["benchmark"],
                                    kind=kind, metric=METRIC_OF_KIND[kind], metric_label=metric_label(kind, judge_type)))
-    if not frames:
-        raise ValueError("no judgement files given")
-    data = pd.concat(frames, ignore_index=True)
-    data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
-    data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
-    return data
+    return tagged_frame(frames, "judgement")
 
 
 def per_prompt(data: pd.DataFrame) -> pd.DataFrame:
@@ -370,12 +375,7 @@ def load_preference_scores(paths: list[str]) -> pd.DataFrame:
                                     "seed": [r.get("seed") for r in rows], "id": [r["pair_id"] for r in rows],
                                     "margin": [float(r["margin"]) for r in rows],
                                     "correct": [float(r["correct"]) for r in rows]}))
-    if not frames:
-        raise ValueError("no preference score files given")
-    data = pd.concat(frames, ignore_index=True)
-    data["noise"] = pd.to_numeric(data["noise"], errors="coerce")
-    data["seed"] = pd.to_numeric(data["seed"], errors="coerce").astype("Int64")
-    return data
+    return tagged_frame(frames, "preference score")
 
 
 def _model_cell(data: pd.DataFrame, method: str, noise) -> pd.DataFrame:
