@@ -102,6 +102,19 @@ def peak_flops(a, device: str) -> float | None:
     return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def step_figures(log: list[dict], a, params: int, flops: float | None, processes: int = 1) -> dict:
+    """Time per step (the first step, warm-up, left out), training tokens/s and MFU of one variant's log:
+    tokens are chosen + rejected sequences at the padded length (an upper bound), a sharpness-aware step
+    counts two forward/backward passes, and MFU is over the peak of all ``processes``."""
+    timed = log[1:]
+    seconds = sum(r["seconds"] for r in timed)
+    passes = sum(2 if r["sharpness_step"] else 1 for r in timed)
+    tokens = 2 * a.batch_size * a.seq * len(timed)
+    return {"median_s_per_step": statistics.median(r["seconds"] for r in timed),
+            "mean_s_per_step": seconds / len(timed), "train_tokens_per_s": tokens / seconds,
+            "mfu": 6 * params * 2 * a.batch_size * a.seq * passes / seconds / (flops * processes) if flops else None}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llama-3.2-1b", choices=sorted(ARCHS))
@@ -151,14 +164,8 @@ def main(argv=None):
         selected = one_percent_neurons(model) if "sharpness" in method else None
         log = train(model, tokenizer, records, fill_defaults(method, "presets/*"), settings, seed=0, selected=selected,
                     parallel=parallel)
-        timed = log[1:]
-        seconds = sum(r["seconds"] for r in timed)
-        passes = sum(2 if r["sharpness_step"] else 1 for r in timed)
-        tokens = 2 * a.batch_size * a.seq * len(timed)  # chosen + rejected sequences, padded length as an upper bound
-        row = {"median_s_per_step": statistics.median(r["seconds"] for r in timed),
-               "mean_s_per_step": seconds / len(timed), "train_tokens_per_s": tokens / seconds,
-               "mfu": 6 * params * 2 * a.batch_size * a.seq * passes / seconds / flops if flops else None,
-               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+        row = step_figures(log, a, params, flops) | {
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
         result["variants"][name] = row
         print(name, json.dumps(row), flush=True)
     dpo = result["variants"]["dpo"]["mean_s_per_step"]
@@ -220,18 +227,11 @@ def main_fsdp(a):
         selected = one_percent_neurons(model) if "sharpness" in method else None
         log = train(model, tokenizer, records, fill_defaults(method, "presets/*"), settings, seed=0, selected=selected,
                     parallel=parallel)
-        timed = log[1:]
-        seconds = sum(r["seconds"] for r in timed)
-        passes = sum(2 if r["sharpness_step"] else 1 for r in timed)
-        tokens = 2 * a.batch_size * a.seq * len(timed)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
         peaks = [parallel.all_max(torch.tensor(peak if r == parallel.rank else 0.0, device=parallel.device)).item()
                  for r in range(parallel.world)]
-        row = {"median_s_per_step": statistics.median(r["seconds"] for r in timed),
-               "mean_s_per_step": seconds / len(timed), "train_tokens_per_s": tokens / seconds,
-               "mfu": (6 * result["params"] * 2 * a.batch_size * a.seq * passes / seconds / (flops * parallel.world)
-                       if flops else None),
-               "peak_gpu_mem_gb_per_process": peaks if device == "cuda" else None}
+        row = step_figures(log, a, result["params"], flops, parallel.world) | {
+            "peak_gpu_mem_gb_per_process": peaks if device == "cuda" else None}
         result["variants"][name] = row
         if parallel.main:
             print(name, json.dumps(row), flush=True)
