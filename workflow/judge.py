@@ -53,7 +53,7 @@ REFUSAL_MARKERS = (
 )
 
 
-def normalise(text: str) -> str:
+def marker_form(text: str) -> str:
     """Lower case, typographic apostrophes as ASCII: how answers and markers are compared."""
     return text.lower().replace("\u2019", "'")
 
@@ -61,13 +61,13 @@ def normalise(text: str) -> str:
 def judge_markers(spec: dict) -> tuple[str, ...]:
     """The refusal phrases of a judge entry (defaults filled): the built-in list unless ``builtin_markers`` is
     false, then the entry's own ``markers`` (phrases of models that refuse in their own words or language)."""
-    own = tuple(dict.fromkeys(normalise(m) for m in spec["markers"]))
+    own = tuple(dict.fromkeys(marker_form(m) for m in spec["markers"]))
     return (REFUSAL_MARKERS if spec["builtin_markers"] else ()) + own
 
 
 def refusal_marker(answer: str, markers: tuple[str, ...] = REFUSAL_MARKERS) -> str | None:
     """The first refusal marker found in ``answer``, or None."""
-    text = normalise(answer)
+    text = marker_form(answer)
     return next((m for m in markers if m in text), None)
 
 
