@@ -1,15 +1,29 @@
-"""Shared fixtures: a tiny random Llama built in code and a tiny workflow config on fixture data."""
+"""Shared fixtures: a tiny random Llama built in code, a tiny workflow config on fixture data, and one
+reference run of that workflow, shared by every test (and every pytest-xdist worker) of a session."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# The tests run in two pytest-xdist workers beside Snakemake jobs, on 2 cores here: libgomp's threads spin while
+# they wait by default, taking the cores from the processes with work to do (set before torch loads libgomp; the
+# jobs and torchrun workers inherit it). And one torch thread per worker: the tiny models gain nothing from two.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 import yaml
+from filelock import FileLock
+
+from workflow.config import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -37,9 +51,22 @@ def build_tiny_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
     return folder
 
 
+def session_dir(tmp_path_factory) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees (each worker's own base folder is
+    one level below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    """Built once per session: the workers share it, so a run of one worker and a run of another read the same
+    model path (it is part of the config, and so of what Snakemake compares)."""
+    folder = session_dir(tmp_path_factory) / "tiny-llama"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "config.json").exists():
+            build_tiny_llama(folder)
+    return folder
 
 
 def tiny_config(model_dir: Path) -> dict:
@@ -50,13 +77,16 @@ def tiny_config(model_dir: Path) -> dict:
     config["preferences"].update(source={"path": str(FIXTURES / "hh_pairs.jsonl.gz")}, n_train=12, n_heldout=4)
     config["noise"]["rates"] = [0.0, 0.25]
     # the suite's cost must not follow the default's size: two methods, one seed (every preset is trained
-    # by tests/test_reward.py's all-presets DAG test)
+    # by tests/test_training.py::test_every_preset_trains_in_the_dag)
     config["methods"], config["seeds"] = ["dpo", "shapo"], [0]
     config["probe"]["data"].update(unsafe={"path": str(FIXTURES / "probe_unsafe.json")},
                                    safe={"path": str(FIXTURES / "probe_safe.json")}, n_per_class=12)
     # tests read the trained policies, so they stay on disk (the default deletes them once used)
     config["training"].update(batch_size=4, max_length=64, max_prompt_length=32, lr=1e-3, keep_policies=True)
     config["subspace"]["percent"] = 10.0
+    # one thread per job: a tiny job is mostly Python start-up (one core), so with 2 threads each Snakemake
+    # would run one job at a time and leave the second core idle
+    config["resources"] = {group: {"threads": 1} for group in schema()["properties"]["resources"]["properties"]}
     config["benchmarks"] = {
         "harmbench": {"source": {"path": str(FIXTURES / "harmbench.csv")}, "prompt_column": "Behavior",
                       "category_column": "SemanticCategory", "filter": {"FunctionalCategory": "standard"}},
@@ -105,15 +135,105 @@ def write_config(workdir: Path, config: dict) -> None:
         yaml.safe_dump(config, f)
 
 
+class BackgroundRun:
+    """A run of the whole tiny workflow that starts before the first test and goes on beside the tests that do
+    not need it; its exit status lands in ``<workdir>.rc`` and its output in ``<workdir>.log`` (outside the
+    working directory, so that copies of the run do not carry them)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.rc, self.log = workdir, Path(f"{workdir}.rc"), Path(f"{workdir}.log")
+        self.proc: subprocess.Popen | None = None  # set in the process that started the run
+
+    def start_once(self, config: dict) -> BackgroundRun:
+        with FileLock(f"{self.workdir}.lock"):
+            if self.workdir.exists():  # another worker started it
+                return self
+            self.workdir.mkdir()
+            write_config(self.workdir, config)
+            # the shell records the exit status ("$0" is the working directory), whichever worker ends first
+            script = '"$@" > "$0.log" 2>&1; echo $? > "$0.rc.tmp" && mv "$0.rc.tmp" "$0.rc"'
+            self.proc = subprocess.Popen(["sh", "-c", script, str(self.workdir), *snakemake_command(self.workdir)],
+                                         cwd=self.workdir, env=SNAKEMAKE_ENV, start_new_session=True)
+        return self
+
+    def result(self, timeout: float = 3600) -> tuple[Path, subprocess.CompletedProcess]:
+        """Wait for the run (``timeout`` guards only against a hang) and return it as ``run_snakemake`` would."""
+        deadline = time.monotonic() + timeout
+        while not self.rc.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the reference run did not end within {timeout} s; its log: {self.log}")
+            time.sleep(0.5)
+        rc, text = int(self.rc.read_text()), self.log.read_text()
+        if rc != 0:
+            raise AssertionError(f"the reference run failed (rc {rc}):\n{text[-6000:]}")
+        return self.workdir, subprocess.CompletedProcess(snakemake_command(self.workdir), rc, text, "")
+
+    def stop(self) -> None:
+        """End of session in the process that started the run: under pytest-xdist another worker may still
+        need it, so wait; otherwise nobody will, so stop it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            if os.environ.get("PYTEST_XDIST_WORKER"):
+                self.proc.wait(timeout=3600)
+                return
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            pass
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=600)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reference_run_in_background(request, tmp_path_factory) -> BackgroundRun:
+    """Starts the reference run at the session's first test when a selected test needs it, so that it goes on
+    beside the tests that do not."""
+    run = BackgroundRun(session_dir(tmp_path_factory) / "reference-run")
+    if any({"reference_run", "reference_build"} & set(item.fixturenames) for item in request.session.items):
+        run.start_once(tiny_config(request.getfixturevalue("tiny_model_dir")))
+    yield run
+    run.stop()
+
+
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, tiny_model_dir):
-    """One complete, uninterrupted run of the tiny workflow. Tests must not modify it: copy it first."""
-    workdir = tmp_path_factory.mktemp("reference-run")
-    write_config(workdir, tiny_config(tiny_model_dir))
-    return workdir, run_snakemake(workdir)
+def reference_build(_reference_run_in_background) -> BackgroundRun:
+    """The reference run, perhaps still running: ``reference_build.result()`` waits for it. A test with work of
+    its own to do first takes this rather than ``reference_run``."""
+    return _reference_run_in_background
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_build) -> tuple[Path, subprocess.CompletedProcess]:
+    """One complete, uninterrupted run of the tiny workflow (workdir, process). Tests must not modify it: copy
+    it first."""
+    return reference_build.result()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that read the reference run go last, so that the ones that do not run while it is built."""
+    items.sort(key=lambda item: "reference_run" in item.fixturenames)
 
 
 def copy_run(src: Path, dst: Path) -> Path:
     """A copy of a finished run, outputs, mtimes and Snakemake metadata included."""
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm for the session (tests/slurm_cluster.py); its tests share the xdist group
+    "slurm", so one worker starts it once."""
+    from slurm_cluster import SlurmCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # not under pytest's tmp_path: the munge user must be able to reach its folder
+    root = Path(tempfile.mkdtemp(prefix="shapo-slurm-"))
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from conftest import FIXTURES, run_snakemake
+from conftest import FIXTURES, run_snakemake, tiny_config
 from workflow import judge, prepare_benchmark, prepare_preferences, train_probe
+from workflow.config import ConfigError, validate_config
 from workflow.models import ModelError, embedded_gguf
 from workflow.sources import SourceError, load_rows
 
@@ -54,7 +55,19 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_config_errors_name_the_key_before_any_job_runs(workdir, case):
+def test_config_errors_name_the_key(tiny_model_dir, case):
+    """The check the Snakefile runs at parse time (workflow.config.validate_config), case by case."""
+    edit, message = CONFIG_CASES[case]
+    config = tiny_config(tiny_model_dir)
+    edit(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["unknown key", "unknown method"])
+def test_a_config_error_stops_snakemake_before_any_job_runs(workdir, case):
+    """A schema error and a cross-field one, through Snakemake: its message, and no job."""
     edit, message = CONFIG_CASES[case]
     assert message in dry_run_message(workdir, edit)
 

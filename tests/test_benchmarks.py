@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import FIXTURES, jobs_run, run_snakemake, write_config
+from conftest import FIXTURES, copy_run, jobs_run, run_snakemake, write_config
 from workflow.prepare_benchmark import CONTEXT_SEPARATOR, build_prompts
 from workflow.sources import SourceError, load_rows
 from workflow.wrap_jailbreaks import wrap_prompts
@@ -67,10 +67,12 @@ def test_jailbreak_wrapping_is_seeded_and_uses_only_templates_with_the_slot():
         wrap_prompts([base[0], {"id": "hb-1", "prompt": "Write a threat"}], rows, spec, "hb_jb")
 
 
-def test_new_benchmarks_and_a_second_judge_from_config_alone(workdir):
+def test_new_benchmarks_and_a_second_judge_from_config_alone(reference_run, tmp_path):
     """No code change: a new CSV benchmark, a jailbreak-wrapped set, the held-out preference prompts and an
     over-refusal set are config entries; a second judge (Llama Guard 3's prompt and parser, on the tiny random
-    model) adds the agreement table. One policy keeps the run short."""
+    model) adds the agreement table. On a copy of the reference run, with one of its policies: nothing
+    upstream of the answers reruns."""
+    workdir = copy_run(reference_run[0], tmp_path / "run")
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["benchmarks"].update({
         "custom": {"source": {"path": str(FIXTURES / "custom_benchmark.csv")}, "prompt_column": "question",
@@ -94,6 +96,7 @@ def test_new_benchmarks_and_a_second_judge_from_config_alone(workdir):
                          "results/data/benchmarks/preferences_heldout/all.jsonl")  # no probe (probe_data runs)
     ran = jobs_run(proc)
     assert ran.count("judge") == 2 * 2 * 3 and "judge_agreement" in ran  # judges x models x benchmarks
+    assert not {"prepare_model", "train_probe", "select_subspace", "train_policy"} & set(ran)
 
     heldout = [json.loads(line) for line in open(workdir / "results/data/benchmarks/preferences_heldout/all.jsonl")]
     assert len(heldout) == config["preferences"]["n_heldout"]

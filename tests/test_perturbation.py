@@ -302,6 +302,7 @@ def test_report_says_which_sharpness_step_is_inert(reference_run, tmp_path):
     workdir = copy_run(reference_run[0], tmp_path / "run")
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["noise"]["rates"] = [0.25]
+    config["evaluation"]["benchmarks"] = ["harmbench"]  # (the run is about training; one benchmark answers)
     config["methods"] = ["dpo", "shapo", "shapo_normalized", "shapo_uniform"]
     for m in config["methods"][1:]:
         config["presets"][m]["sharpness"]["interval"] = 1

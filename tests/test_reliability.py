@@ -17,6 +17,12 @@ from workflow.files import atomic_path, write_text
 from workflow.locks import OWNER_FILE, clear_stale_locks, record_owner
 
 
+# The interrupted runs build both noise-0.25 policies and their HarmBench judgements: every kind of stage (data,
+# probe, subspace, reference, training, generation, judging) on the part of the DAG that label noise and ShaPO
+# touch, in a third of the reference run's jobs.
+TARGETS = [f"results/judgements/refusal_markers/{m}/noise0.25/seed0/harmbench.json" for m in ("dpo", "shapo")]
+
+
 def start_and_kill(workdir: Path, marker: str, sig: int, log: Path, timeout: float = 3600) -> list[str]:
     """Start the whole workflow (its output to ``log``), wait until a job whose log matches ``marker`` has
     started, then send ``sig`` to every process of the run: Snakemake and its jobs. Returns the matching logs.
@@ -28,8 +34,8 @@ def start_and_kill(workdir: Path, marker: str, sig: int, log: Path, timeout: flo
     """
     assert not glob.glob(str(workdir / marker)), f"{marker} exists before the run: it cannot mark where this run is"
     with open(log, "w") as out:
-        proc = subprocess.Popen(snakemake_command(workdir), cwd=workdir, env=SNAKEMAKE_ENV, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(snakemake_command(workdir, *TARGETS), cwd=workdir, env=SNAKEMAKE_ENV,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         try:
             while not (found := glob.glob(str(workdir / marker))):
@@ -88,25 +94,26 @@ def policy_weights(workdir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def assert_same_results(a: Path, b: Path) -> None:
-    """Bit-identical noise, probe, subspace, trained weights, answers and table."""
-    for rel in ["results/data/noisy/noise0.25/seed0.jsonl", "results/probe/data.jsonl",
-                "results/subspace/summary.tsv", "results/tables/harmful_rate.csv",
-                "results/generations/shapo/noise0.25/seed0/harmbench.jsonl"]:
+    """Bit-identical noise, probe, subspace, trained weights, answers and judgements (``b``: the targets' DAG)."""
+    for rel in ["results/data/noisy/noise0.25/seed0.jsonl", "results/probe/data.jsonl", "results/subspace/summary.tsv",
+                *[f"results/generations/{m}/noise0.25/seed0/harmbench.jsonl" for m in ("dpo", "shapo")],
+                *[t.replace(".json", ".jsonl") for t in TARGETS]]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     for rel in ["results/probe/direction.safetensors", "results/subspace/neurons.safetensors"]:
         ta, tb = load_file(a / rel), load_file(b / rel)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel
     wa, wb = policy_weights(a), policy_weights(b)
-    assert wa.keys() == wb.keys() and len(wa) == 4
-    for rel in wa:
+    assert len(wa) == 4 and len(wb) == 2 and set(wb) <= set(wa)
+    for rel in wb:
         assert all(torch.equal(wa[rel][k], wb[rel][k]) for k in wa[rel]), rel
 
 
-def test_killed_runs_resume_without_recomputing_and_match_an_uninterrupted_run(reference_run, tmp_path,
+def test_killed_runs_resume_without_recomputing_and_match_an_uninterrupted_run(reference_build, tmp_path,
                                                                               tiny_model_dir):
-    """Three real runs killed at points fixed by the DAG, not by the scheduler's order (which varies from
-    run to run): each kill lands in a job no earlier run reached, so every input of that job is finished, and
-    none of them (nor, through them, anything upstream) may be recomputed by the runs that follow."""
+    """Three real runs (of TARGETS) killed at points fixed by the DAG, not by the scheduler's order (which varies
+    from run to run): each kill lands in a job no earlier run reached, so every input of that job is finished, and
+    none of them (nor, through them, anything upstream) may be recomputed by the runs that follow. The resumed
+    run's results equal the reference run's, built meanwhile from scratch without interruption."""
     workdir = tmp_path / "interrupted"
     workdir.mkdir()
     write_config(workdir, tiny_config(tiny_model_dir))
@@ -130,19 +137,19 @@ def test_killed_runs_resume_without_recomputing_and_match_an_uninterrupted_run(r
     # ShaPO was trained on the finished probe and subspace
     assert any(p.startswith("results/generations/shapo/") for p in
                kill("results/logs/judge/*/shapo/*/*/*.log", signal.SIGKILL, "3-sigkill-judging"))
-    assert not (workdir / "results/tables/harmful_rate.csv").exists()
-    final = run_snakemake(workdir)
+    assert not all((workdir / t).exists() for t in TARGETS)
+    final = run_snakemake(workdir, *TARGETS)
     text = final.stdout + final.stderr
     (tmp_path / "4-final.log").write_text(text)
     ran = jobs_run(final)
-    assert "prepare_model" not in ran and "train_probe" not in ran and "report" in ran
+    assert "prepare_model" not in ran and "train_probe" not in ran and "judge" in ran
     for job in job_blocks(text):
         assert all(part.startswith(RESUME_REASONS) for part in job["reason"].split("; ")), (job["rule"], job["reason"])
     # nothing a killed job had read was rewritten (were anything upstream rerun, it would have been)
     assert {p for p, stamp in kept.items() if fingerprints(workdir, [p]).get(p) != stamp} == set()
     # no temporary file is left where an output should be, and none is taken as an output
     assert not [p for p in (workdir / "results").rglob("*") if p.name.endswith((".tmp",))]
-    assert_same_results(reference_run[0], workdir)
+    assert_same_results(reference_build.result()[0], workdir)  # the uninterrupted run, built meanwhile
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -1,210 +1,20 @@
-"""The tiny workflow submitted through a real single-node Slurm (slurmctld + slurmd + munged) on this machine.
-
-Nothing is installed here: without Slurm, munge, root or the executor plugin the test is skipped
-with the reason (`.ci/run` installs them). The daemons run in the foreground as children of this
-process, with every configuration, state and log file in a temporary folder, and are stopped by
-pid when the test ends. The node offers one fake GPU (GRES on /dev/null), so rules that request
-`gpu=1` are scheduled (one at a time) exactly as on a GPU cluster. See ../shared/ENVIRONMENT.md.
-"""
+"""The tiny workflow submitted through a real single-node Slurm (tests/slurm_cluster.py, the fixture
+``slurm_cluster`` in conftest.py); skipped with the reason where Slurm cannot be started here."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, SNAKEMAKE_ENV, tiny_config, write_config
+from conftest import ROOT, SNAKEMAKE_ENV, copy_run, jobs_run, write_config
 
-DAEMONS = ("munged", "mungekey", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
-# One ShaPO policy and its evaluation: every stage but the report, through 12 sbatch jobs
-# (3 of them GPU jobs); the full tiny DAG (38 jobs) would take ~3x longer through the scheduler.
+# One ShaPO policy's judgement, on a copy of the reference run: the whole tiny DAG (46 jobs) through the
+# scheduler would take minutes, and the rules it would add submit no differently.
 TARGET = "results/judgements/refusal_markers/shapo/noise0.25/seed0/harmbench.json"
-
-
-def skip_reason() -> str | None:
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
-    if missing:
-        return f"Slurm/munge not installed (missing {', '.join(missing)}); `apt-get install slurm-wlm munge`"
-    if os.geteuid() != 0:
-        return "starting slurmd and munged needs root"
-    for module in ("snakemake_executor_plugin_slurm", "snakemake_executor_plugin_slurm_jobstep"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install -r requirements.txt)"
-    try:
-        import pwd
-
-        pwd.getpwnam("munge")
-    except KeyError:
-        return "no 'munge' user (the munge package creates it)"
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def memory_mb() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
-    return 4000
-
-
-def executable(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-class SlurmCluster:
-    """munged, slurmctld and slurmd in the foreground, configured under ``root`` (a fresh folder)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.procs: list[subprocess.Popen] = []
-        self.host = socket.gethostname().split(".")[0]
-        self.conf = root / "slurm.conf"
-        # The default socket: in configless mode slurmd authenticates before it has a configuration,
-        # so it cannot be told another one.
-        self.munge_socket = Path("/run/munge/munge.socket.2")
-        self.made_run_dir = False
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-
-    def write_config(self) -> None:
-        for d in ("state", "spool", "log", "munge"):
-            (self.root / d).mkdir()
-        cpus = os.cpu_count() or 2
-        self.ctld_port = free_port()
-        self.conf.write_text(f"""\
-ClusterName=shapotest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={self.ctld_port}
-SlurmctldParameters=enable_configless
-SlurmdPort={free_port()}
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
-SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd.pid
-SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SchedulerType=sched/backfill
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-MinJobAge=300
-GresTypes=gpu
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={int(memory_mb() * 0.8)} Gres=gpu:1 State=UNKNOWN
-PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-        # A fake GPU: scheduling only, nothing is attached to it.
-        (self.root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File=/dev/null\n")
-
-    def munge_works(self) -> bool:
-        encoded = subprocess.run(["munge", "-n"], capture_output=True)
-        return encoded.returncode == 0 and subprocess.run(["unmunge"], input=encoded.stdout,
-                                                          capture_output=True).returncode == 0
-
-    def start(self) -> None:
-        self.write_config()
-        if not (self.munge_socket.exists() and self.munge_works()):  # else reuse the machine's munged
-            self.start_munged()
-        self.spawn([executable("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")
-        self.wait_for(lambda: self.query(["scontrol", "ping"]).returncode == 0, "slurmctld")
-        # configless: slurmd fetches the configuration from slurmctld and points the jobs' SLURM_CONF
-        # at its cached copy (a batch job does not inherit SLURM_CONF, and srun inside it needs one)
-        self.spawn([executable("slurmd"), "-D", "--conf-server", f"127.0.0.1:{self.ctld_port}"], "slurmd")
-        self.wait_for(lambda: re.search(r"\b(idle|mix)\b", self.query(["sinfo", "-h", "-o", "%T"]).stdout), "idle node")
-
-    def start_munged(self) -> None:
-        munge_dir = self.root / "munge"
-        key = munge_dir / "munge.key"
-        run_dir = self.munge_socket.parent
-        if not run_dir.exists():
-            run_dir.mkdir(parents=True)
-            self.made_run_dir = True
-        shutil.chown(run_dir, "munge", "munge")
-        subprocess.run([executable("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        os.chmod(self.root, 0o755)
-        shutil.chown(munge_dir, "munge", "munge")
-        shutil.chown(key, "munge", "munge")
-        os.chmod(munge_dir, 0o700)
-        os.chmod(key, 0o400)
-        # munged refuses to run as root; started as the munge user it is still our child (its pid is ours)
-        self.spawn([executable("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
-                    f"--key-file={key}", f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
-                    f"--seed-file={munge_dir}/munged.seed"], "munged", user="munge")
-        self.wait_for(self.munge_works, "munged")
-
-    def spawn(self, cmd: list[str], name: str, user: str | None = None) -> None:
-        with open(self.root / "log" / f"{name}.stdout", "w") as log:
-            as_user = {"user": user, "group": user, "extra_groups": []} if user else {}
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                               start_new_session=True, **as_user))
-
-    def query(self, cmd: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=30)
-
-    def wait_for(self, ready, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"a Slurm daemon exited while waiting for {what}:\n{self.logs()}")
-            if ready():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted((self.root / "log").glob("*"))
-                         if f.is_file())
-
-    def stop(self) -> None:
-        """Stop the daemons this object started, by pid, newest first."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
-        if self.made_run_dir:
-            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    # not under pytest's tmp_path: the munge user must be able to reach its folder
-    root = Path(tempfile.mkdtemp(prefix="shapo-slurm-"))
-    cluster = SlurmCluster(root)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def slurm_profile(folder: Path) -> Path:
@@ -222,10 +32,13 @@ def slurm_profile(folder: Path) -> Path:
     return folder
 
 
-def test_tiny_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_dir):
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    config = tiny_config(tiny_model_dir)
+@pytest.mark.xdist_group("slurm")
+def test_tiny_workflow_runs_through_slurm(slurm_cluster, reference_run, tmp_path):
+    """The reference run, copied, with the subspace and the reference log-probabilities forced to rerun: for
+    the target that is a CPU job, the three GPU rules (reference, one ShaPO policy, its answers) and a judge,
+    each submitted with sbatch."""
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
     # jobs request what the node has: 2 CPUs, the fake GPU, memory sized for the tiny model
     config["resources"] = {g: {"threads": 2 if t else 1, "mem_mb": 1500, "runtime": 10}
                            for g, t in [("prepare", 0), ("prepare_model", 0), ("probe", 1), ("sft", 1),
@@ -234,14 +47,13 @@ def test_tiny_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_di
     write_config(workdir, config)
     profile = slurm_profile(tmp_path / "profile")
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--profile", str(profile), TARGET]
+           "--configfile", str(workdir / "config.yaml"), "--profile", str(profile), TARGET,
+           "--forcerun", "select_subspace", "reference_logps"]
     env = {**SNAKEMAKE_ENV, "SLURM_CONF": str(slurm_cluster.conf)}
-    # the number of jobs the DAG holds for this target, from Snakemake itself, so a new rule does not break the count
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    # (a dry run prints its job stats table twice; both say the same)
-    planned = int(re.search(r"^total\s+(\d+)$", dry.stdout + dry.stderr, re.M)[1])
-    assert planned >= 12  # data, noise, probe, subspace, reference, policy, benchmark sample, generate, judge ...
+    planned = jobs_run(dry)
+    assert sorted(planned) == ["generate", "judge", "reference_logps", "select_subspace", "train_policy"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{output[-6000:]}\n{slurm_cluster.logs()}"
@@ -252,7 +64,7 @@ def test_tiny_workflow_runs_through_slurm(slurm_cluster, tmp_path, tiny_model_di
 
     # every job went through sbatch: one Slurm job id per rule, each with its own Slurm log
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
-    assert len(submitted) == planned, output[-4000:]
+    assert len(submitted) == len(planned), output[-4000:]
     slurm_logs = list((workdir / "results/logs/slurm").rglob("*.log"))
     assert {p.stem for p in slurm_logs} >= set(submitted), (submitted, slurm_logs)
     # the GPU rules asked Slurm for the (fake) GPU, and Slurm granted it

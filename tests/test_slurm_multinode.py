@@ -5,7 +5,7 @@ the first node of the allocation (``workflow.config.srun_torchrun``). The test S
 same launcher runs with two srun tasks on it (two torchruns of one process each): the srun step, the
 rendezvous and the two-process sharded training are real; only the geometry (tasks per node) differs
 from a cluster's. The multi-node job's sbatch resources and command are checked by a dry run in
-tests/test_fsdp.py. Skipped, with the reason, where Slurm cannot be started (see tests/test_slurm.py).
+tests/test_fsdp.py. Skipped, with the reason, where Slurm cannot be started (see tests/slurm_cluster.py).
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV
 from fsdp_worker import SETTINGS, TRAINING, records
-from test_slurm import slurm_cluster  # noqa: F401  (the fixture: a real single-node Slurm)
 from workflow.config import fill_defaults, srun_torchrun
 from workflow.files import write_jsonl
 from workflow.models import load_model, load_tokenizer
@@ -41,7 +41,8 @@ def wait_for_job(cluster, job_id: str, timeout: float = 600) -> str:
     raise AssertionError(f"Slurm job {job_id} did not end in {timeout} s")
 
 
-def test_srun_starts_torchruns_that_meet_at_a_c10d_rendezvous_and_train_sharded(slurm_cluster, tmp_path,  # noqa: F811
+@pytest.mark.xdist_group("slurm")
+def test_srun_starts_torchruns_that_meet_at_a_c10d_rendezvous_and_train_sharded(slurm_cluster, tmp_path,
                                                                                   tiny_model_dir):
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = records(10)

@@ -314,26 +314,28 @@ def test_reward_level_shapo_trains_with_soft_labels(tiny_model_dir):
     assert all(r["sharpness_step"] and math.isfinite(r["loss_perturbed"]) for r in log)
 
 
-def test_every_preset_trains_in_the_dag(tiny_model_dir, tmp_path):
-    """Every preset of config.yaml through the real Snakemake DAG on the tiny model (one noise rate, one seed)."""
+def test_every_preset_trains_in_the_dag(reference_run, tmp_path):
+    """Every preset of config.yaml through the real Snakemake DAG on the tiny model (one noise rate, one seed),
+    on a copy of the reference run (its model, noisy pairs, probe and subspace)."""
     import numpy as np
     import pandas as pd
+    import yaml
 
-    from conftest import run_snakemake, tiny_config, write_config
+    from conftest import copy_run, jobs_run, run_snakemake, write_config
     from test_reward import check_reward_outputs
 
-    config = tiny_config(tiny_model_dir)
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
     presets = sorted(config["presets"])
     assert {"dpo", "shapo", "shapo_reward", "dpo_reward", "drdpo", "drshapo", "shapo_random", "shapo_uniform"} <= set(presets)
     config["methods"], config["noise"]["rates"], config["seeds"] = presets, [0.25], [0]
     config["training"]["batch_size"] = 2  # 6 steps: every sharpness preset (interval 5) takes a sharpness-aware step
-    # one thread per job so the 2 cores train two tiny policies at a time (the jobs are mostly start-up)
-    config["resources"] = {g: {"threads": 1} for g in ("train_policy", "reference_logps", "train_reward_model", "probe")}
-    write_config(tmp_path, config)
-    run_snakemake(tmp_path, *[f"results/policies/{m}/noise0.25/seed0" for m in presets],
-                  "results/figures/reward_soft_labels.png", "results/figures/reward_soft_labels.pdf")
+    write_config(workdir, config)
+    proc = run_snakemake(workdir, *[f"results/policies/{m}/noise0.25/seed0" for m in presets],
+                         "results/figures/reward_soft_labels.png", "results/figures/reward_soft_labels.pdf")
+    assert not {"prepare_model", "train_probe", "select_subspace", "inject_noise"} & set(jobs_run(proc))
     for m in presets:
-        folder = tmp_path / f"results/policies/{m}/noise0.25/seed0"
+        folder = workdir / f"results/policies/{m}/noise0.25/seed0"
         assert (folder / "model.safetensors").exists(), m
         log = pd.read_csv(f"{folder}.train_log.tsv", sep="\t")
         assert len(log) == 6 and np.isfinite(log["loss"]).all(), m
@@ -342,7 +344,7 @@ def test_every_preset_trains_in_the_dag(tiny_model_dir, tmp_path):
         trained = json.loads((folder / "training_config.json").read_text())["method"]
         assert all(trained[k] == v for k, v in config["presets"][m].items() if k != "sharpness"), m
         assert bool(sharp) == ("sharpness" in trained), m  # the preset (plus the schema's defaults) reached the job
-    check_reward_outputs(tmp_path)  # reward-level presets: the reward model and the soft-label figure
+    check_reward_outputs(workdir)  # reward-level presets: the reward model and the soft-label figure
 
 
 def test_lora_shapo_perturbs_the_frozen_base_columns_and_saves_a_merged_model(tiny_model_dir, tmp_path):

@@ -42,8 +42,8 @@ def test_full_dag_writes_table_figure_logs_and_benchmarks(reference_run):
         r for r in decon if r["class"] == "unsafe" and r["benchmark"] == "harmbench").items()
 
 
-def test_rerun_with_nothing_changed_runs_no_job(reference_run):
-    workdir, _ = reference_run
+def test_rerun_with_nothing_changed_runs_no_job(reference_run, tmp_path):
+    workdir = copy_run(reference_run[0], tmp_path / "run")  # a run locks its folder: other tests copy this one
     proc = run_snakemake(workdir)
     assert jobs_run(proc) == []
     assert "Nothing to be done" in proc.stdout + proc.stderr
