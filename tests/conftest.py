@@ -144,11 +144,15 @@ class BackgroundRun:
         self.workdir, self.rc, self.log = workdir, Path(f"{workdir}.rc"), Path(f"{workdir}.log")
         self.proc: subprocess.Popen | None = None  # set in the process that started the run
 
-    def start_once(self, config: dict) -> BackgroundRun:
+    def start_once(self, config: dict, copy_of: Path | None = None) -> BackgroundRun:
+        """Start the run with ``config`` unless another process did; ``copy_of``: a finished run to start from."""
         with FileLock(f"{self.workdir}.lock"):
             if self.workdir.exists():  # another worker started it
                 return self
-            self.workdir.mkdir()
+            if copy_of is None:
+                self.workdir.mkdir()
+            else:
+                copy_run(copy_of, self.workdir)
             write_config(self.workdir, config)
             # the shell records the exit status ("$0" is the working directory), whichever worker ends first
             script = '"$@" > "$0.log" 2>&1; echo $? > "$0.rc.tmp" && mv "$0.rc.tmp" "$0.rc"'
@@ -206,6 +210,24 @@ def reference_run(reference_build) -> tuple[Path, subprocess.CompletedProcess]:
     """One complete, uninterrupted run of the tiny workflow (workdir, process). Tests must not modify it: copy
     it first."""
     return reference_build.result()
+
+
+@pytest.fixture(scope="session")
+def sharpness_run(reference_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The reference run with its sharpness settings changed and run again to the report, shared by the test of
+    what a changed parameter reruns (tests/test_workflow.py) and of the perturbation report
+    (tests/test_perturbation.py): shapo, its normalized step and the matched uniform control take a
+    sharpness-aware step at every step (interval 1 instead of 5; two methods added), at noise 0.25 only, answering
+    HarmBench only. Built once per session, like the reference run; tests must copy it to change it."""
+    config = yaml.safe_load((reference_run[0] / "config.yaml").read_text())
+    config["noise"]["rates"] = [0.25]
+    config["evaluation"]["benchmarks"] = ["harmbench"]
+    config["methods"] = ["dpo", "shapo", "shapo_normalized", "shapo_uniform"]
+    for method in config["methods"][1:]:
+        config["presets"][method]["sharpness"]["interval"] = 1
+    run = BackgroundRun(session_dir(tmp_path_factory) / "sharpness-run").start_once(config, copy_of=reference_run[0])
+    yield run.result()
+    run.stop()
 
 
 def pytest_collection_modifyitems(config, items):

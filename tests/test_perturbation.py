@@ -290,24 +290,15 @@ def test_verdict_threshold_and_statement_follow_the_numbers():
 
 
 # ------------------------------------------------------------------------------------------ in the DAG and report
-def test_report_says_which_sharpness_step_is_inert(reference_run, tmp_path):
-    """The tiny run with every step sharpness-aware (interval 1): the raw shapo step and the matched uniform
-    control are reported inert (fp32 on the CPU: most moved weights change by an ulp, the gradient's direction
-    stays at 1 − 1e-12), the normalized step effective; the comparisons table says so, the figure is drawn."""
-    import yaml
-
-    from conftest import copy_run, jobs_run, run_snakemake, write_config
+def test_report_says_which_sharpness_step_is_inert(sharpness_run):
+    """The tiny run with every step sharpness-aware (interval 1; conftest.py's sharpness_run): the raw shapo step
+    and the matched uniform control are reported inert (fp32 on the CPU: most moved weights change by an ulp,
+    the gradient's direction stays at 1 − 1e-12), the normalized step effective; the comparisons table says so,
+    the figure is drawn."""
+    from conftest import jobs_run
     from test_report import assert_valid_png
 
-    workdir = copy_run(reference_run[0], tmp_path / "run")
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["noise"]["rates"] = [0.25]
-    config["evaluation"]["benchmarks"] = ["harmbench"]  # (the run is about training; one benchmark answers)
-    config["methods"] = ["dpo", "shapo", "shapo_normalized", "shapo_uniform"]
-    for m in config["methods"][1:]:
-        config["presets"][m]["sharpness"]["interval"] = 1
-    write_config(workdir, config)
-    proc = run_snakemake(workdir)
+    workdir, proc = sharpness_run
     assert "perturbation_summary" in jobs_run(proc) and "train_policy" in jobs_run(proc)
     table = pd.read_csv(workdir / "results/tables/perturbation.csv").set_index("method")
     assert table.verdict.to_dict() == {"shapo": "inert", "shapo_normalized": "effective", "shapo_uniform": "inert"}

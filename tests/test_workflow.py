@@ -55,19 +55,23 @@ def test_forcerun_reruns_only_that_rule_and_its_dependants(reference_run, tmp_pa
     assert jobs_run(proc) == ["report", "all"]
 
 
-def test_changed_parameter_reruns_only_the_affected_part(reference_run, tmp_path):
-    workdir = copy_run(reference_run[0], tmp_path / "run")
-    before = {(r["method"], r["noise"], r["benchmark"]): r["harmful_rate"] for r in read_table(workdir)}
-    dpo_weights = (workdir / "results/policies/dpo/noise0/seed0/model.safetensors").stat().st_mtime_ns
-    config = yaml.safe_load(open(workdir / "config.yaml"))
-    config["presets"]["shapo"]["sharpness"]["interval"] = 2
-    yaml.safe_dump(config, open(workdir / "config.yaml", "w"))
-    proc = run_snakemake(workdir)
+def test_changed_parameter_reruns_only_the_affected_part(reference_run, sharpness_run):
+    """shapo's sharpness interval changed, two methods added, one noise rate and one benchmark kept
+    (conftest.py's sharpness_run): only the changed and the new methods train, answer and are scored, then the
+    report; dpo's policy, answers and scores are the reference run's files, untouched."""
+    workdir, proc = sharpness_run
     ran = sorted(jobs_run(proc))
-    assert ran == sorted(["train_policy"] * 2 + ["generate"] * 4 + ["judge"] * 4 + ["score_preferences"] * 2
+    assert ran == sorted(["train_policy"] * 3 + ["generate"] * 3 + ["judge"] * 3 + ["score_preferences"] * 3
                          + ["perturbation_summary", "report_tables", "report_figures", "report", "all"])
-    assert (workdir / "results/policies/dpo/noise0/seed0/model.safetensors").stat().st_mtime_ns == dpo_weights
-    assert len(read_table(workdir)) == len(before)
+    for rel in ["results/policies/dpo/noise0.25/seed0/model.safetensors",
+                "results/generations/dpo/noise0.25/seed0/harmbench.jsonl",
+                "results/judgements/refusal_markers/dpo/noise0.25/seed0/harmbench.jsonl",
+                "results/preference_scores/dpo/noise0.25/seed0.json"]:
+        before, after = reference_run[0] / rel, workdir / rel
+        assert after.stat().st_mtime_ns == before.stat().st_mtime_ns and after.read_bytes() == before.read_bytes(), rel
+    dpo = {r["harmful_rate"] for r in read_table(workdir) if r["method"] == "dpo"}
+    assert dpo == {r["harmful_rate"] for r in read_table(reference_run[0])
+                   if (r["method"], r["noise"], r["benchmark"]) == ("dpo", "0.25", "harmbench")}
 
 
 def test_new_sample_size_reruns_generation_but_not_the_probe_or_the_policies(reference_run, tmp_path):
