@@ -241,21 +241,23 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def slurm_cluster():
-    """A real single-node Slurm for the session (tests/slurm_cluster.py); its tests share the xdist group
-    "slurm", so one worker starts it once."""
+    """A real single-node Slurm for one test (tests/slurm_cluster.py). A machine holds one at a time (munge's
+    default socket, the host's name), so a lock beside the system's temporary files makes the tests that use
+    it wait for each other, whichever worker or pytest session runs them."""
     from slurm_cluster import SlurmCluster, skip_reason
 
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    # not under pytest's tmp_path: the munge user must be able to reach its folder
-    root = Path(tempfile.mkdtemp(prefix="shapo-slurm-"))
-    cluster = SlurmCluster(root)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with FileLock(Path(tempfile.gettempdir()) / "shapo-test-slurm.lock"):
+        # not under pytest's tmp_path: the munge user must be able to reach its folder
+        root = Path(tempfile.mkdtemp(prefix="shapo-slurm-"))
+        cluster = SlurmCluster(root)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)

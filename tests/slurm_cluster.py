@@ -5,8 +5,8 @@ with the reason (`.ci/run` installs them). The daemons run in the foreground as 
 process, with every configuration, state and log file in a temporary folder, and are stopped by
 pid at the end of the session. The node offers one fake GPU (GRES on /dev/null), so rules that request
 `gpu=1` are scheduled (one at a time) exactly as on a GPU cluster. See ../shared/ENVIRONMENT.md.
-One cluster per machine at a time (it uses munge's default socket and the host's name), so the tests
-that use it share one pytest-xdist group.
+One cluster per machine at a time (it uses munge's default socket and the host's name): the fixture
+``slurm_cluster`` (conftest.py) holds a machine-wide lock while one runs.
 """
 from __future__ import annotations
 

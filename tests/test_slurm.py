@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, jobs_run, write_config
@@ -32,7 +31,6 @@ def slurm_profile(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.xdist_group("slurm")
 def test_tiny_workflow_runs_through_slurm(slurm_cluster, reference_run, tmp_path):
     """The reference run, copied, with the subspace and the reference log-probabilities forced to rerun: for
     the target that is a CPU job, the three GPU rules (reference, one ShaPO policy, its answers) and a judge,

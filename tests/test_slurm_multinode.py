@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV
@@ -41,7 +40,6 @@ def wait_for_job(cluster, job_id: str, timeout: float = 600) -> str:
     raise AssertionError(f"Slurm job {job_id} did not end in {timeout} s")
 
 
-@pytest.mark.xdist_group("slurm")
 def test_srun_starts_torchruns_that_meet_at_a_c10d_rendezvous_and_train_sharded(slurm_cluster, tmp_path,
                                                                                   tiny_model_dir):
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
