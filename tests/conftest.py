@@ -136,9 +136,10 @@ def write_config(workdir: Path, config: dict) -> None:
 
 
 class BackgroundRun:
-    """A run of the whole tiny workflow that starts before the first test and goes on beside the tests that do
-    not need it; its exit status lands in ``<workdir>.rc`` and its output in ``<workdir>.log`` (outside the
-    working directory, so that copies of the run do not carry them)."""
+    """A run of the tiny workflow shared by every worker of the session: the first process to ask starts it in
+    the background (the reference run starts before the first test and goes on beside the tests that do not
+    need it); the others wait for it. Its exit status lands in ``<workdir>.rc`` and its output in
+    ``<workdir>.log`` (outside the working directory, so that copies of the run do not carry them)."""
 
     def __init__(self, workdir: Path):
         self.workdir, self.rc, self.log = workdir, Path(f"{workdir}.rc"), Path(f"{workdir}.log")
@@ -165,11 +166,11 @@ class BackgroundRun:
         deadline = time.monotonic() + timeout
         while not self.rc.exists():
             if time.monotonic() > deadline:
-                raise AssertionError(f"the reference run did not end within {timeout} s; its log: {self.log}")
+                raise AssertionError(f"{self.workdir.name} did not end within {timeout} s; its log: {self.log}")
             time.sleep(0.5)
         rc, text = int(self.rc.read_text()), self.log.read_text()
         if rc != 0:
-            raise AssertionError(f"the reference run failed (rc {rc}):\n{text[-6000:]}")
+            raise AssertionError(f"{self.workdir.name} failed (rc {rc}):\n{text[-6000:]}")
         return self.workdir, subprocess.CompletedProcess(snakemake_command(self.workdir), rc, text, "")
 
     def stop(self) -> None:
@@ -192,7 +193,7 @@ def _reference_run_in_background(request, tmp_path_factory) -> BackgroundRun:
     """Starts the reference run at the session's first test when a selected test needs it, so that it goes on
     beside the tests that do not."""
     run = BackgroundRun(session_dir(tmp_path_factory) / "reference-run")
-    if any({"reference_run", "reference_build"} & set(item.fixturenames) for item in request.session.items):
+    if any("reference_build" in item.fixturenames for item in request.session.items):  # reference_run needs it
         run.start_once(tiny_config(request.getfixturevalue("tiny_model_dir")))
     yield run
     run.stop()
