@@ -226,9 +226,9 @@ def sharpness_run(reference_run, tmp_path_factory) -> tuple[Path, subprocess.Com
     config["methods"] = ["dpo", "shapo", "shapo_normalized", "shapo_uniform"]
     for method in config["methods"][1:]:
         config["presets"][method]["sharpness"]["interval"] = 1
-    run = BackgroundRun(session_dir(tmp_path_factory) / "sharpness-run").start_once(config, copy_of=reference_run[0])
-    yield run.result()
-    run.stop()
+    # waited for at once (nothing to overlap with): the shared run is only how both workers get the same one
+    run = BackgroundRun(session_dir(tmp_path_factory) / "sharpness-run")
+    return run.start_once(config, copy_of=reference_run[0]).result()
 
 
 def pytest_collection_modifyitems(config, items):
