@@ -135,7 +135,7 @@ def write_config(workdir: Path, config: dict) -> None:
         yaml.safe_dump(config, f)
 
 
-class BackgroundRun:
+class SharedRun:
     """A run of the tiny workflow shared by every worker of the session: the first process to ask starts it in
     the background (the reference run starts before the first test and goes on beside the tests that do not
     need it); the others wait for it. Its exit status lands in ``<workdir>.rc`` and its output in
@@ -145,7 +145,7 @@ class BackgroundRun:
         self.workdir, self.rc, self.log = workdir, Path(f"{workdir}.rc"), Path(f"{workdir}.log")
         self.proc: subprocess.Popen | None = None  # set in the process that started the run
 
-    def start_once(self, config: dict, copy_of: Path | None = None) -> BackgroundRun:
+    def start_once(self, config: dict, copy_of: Path | None = None) -> SharedRun:
         """Start the run with ``config`` unless another process did; ``copy_of``: a finished run to start from."""
         with FileLock(f"{self.workdir}.lock"):
             if self.workdir.exists():  # another worker started it
@@ -189,10 +189,10 @@ class BackgroundRun:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _reference_run_in_background(request, tmp_path_factory) -> BackgroundRun:
+def _reference_run_in_background(request, tmp_path_factory) -> SharedRun:
     """Starts the reference run at the session's first test when a selected test needs it, so that it goes on
     beside the tests that do not."""
-    run = BackgroundRun(session_dir(tmp_path_factory) / "reference-run")
+    run = SharedRun(session_dir(tmp_path_factory) / "reference-run")
     if any("reference_build" in item.fixturenames for item in request.session.items):  # reference_run needs it
         run.start_once(tiny_config(request.getfixturevalue("tiny_model_dir")))
     yield run
@@ -200,7 +200,7 @@ def _reference_run_in_background(request, tmp_path_factory) -> BackgroundRun:
 
 
 @pytest.fixture(scope="session")
-def reference_build(_reference_run_in_background) -> BackgroundRun:
+def reference_build(_reference_run_in_background) -> SharedRun:
     """The reference run, perhaps still running: ``reference_build.result()`` waits for it. A test with work of
     its own to do first takes this rather than ``reference_run``."""
     return _reference_run_in_background
@@ -227,7 +227,7 @@ def sharpness_run(reference_run, tmp_path_factory) -> tuple[Path, subprocess.Com
     for method in config["methods"][1:]:
         config["presets"][method]["sharpness"]["interval"] = 1
     # waited for at once (nothing to overlap with): the shared run is only how both workers get the same one
-    run = BackgroundRun(session_dir(tmp_path_factory) / "sharpness-run")
+    run = SharedRun(session_dir(tmp_path_factory) / "sharpness-run")
     return run.start_once(config, copy_of=reference_run[0]).result()
 
 
