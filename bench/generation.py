@@ -34,8 +34,8 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from workflow.textgen import generate_texts
-    from workflow.models import format_prompt, load_model, load_source_model, load_tokenizer
+    from workflow.lib.textgen import generate_texts
+    from workflow.lib.models import format_prompt, load_model, load_source_model, load_tokenizer
 
     torch.set_num_threads(a.threads)
     if Path(a.model).is_dir():

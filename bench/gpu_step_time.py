@@ -85,8 +85,8 @@ def synthetic_pairs(tokenizer, n: int, seq: int, seed: int = 0) -> list[dict]:
 
 def one_percent_neurons(model, seed: int = 0):
     """A ShaPO budget without a probe: 1% of every layer's MLP output neurons, drawn at random."""
-    from workflow.models import mlp_output_projections
-    from workflow.sharpness import SelectedNeurons
+    from workflow.lib.models import mlp_output_projections
+    from workflow.lib.sharpness import SelectedNeurons
 
     g = torch.Generator().manual_seed(seed)
     return [SelectedNeurons(l.weight, torch.randperm(l.n_neurons, generator=g)[: max(1, l.n_neurons // 100)]
@@ -134,11 +134,11 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
-    from workflow.files import write_json
-    from workflow.models import embedded_gguf
-    from workflow.reference_logps import score_pairs
-    from workflow.config import fill_defaults
-    from workflow.parallel import DataParallel
+    from workflow.lib.files import write_json
+    from workflow.lib.models import embedded_gguf
+    from workflow.lib.pairs import score_pairs
+    from workflow.lib.config import fill_defaults
+    from workflow.lib.parallel import DataParallel
     from workflow.train_policy import attach_reference, train
 
     gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")
@@ -200,10 +200,10 @@ def main_fsdp(a):
 
     from transformers import AutoTokenizer
 
-    from workflow.config import fill_defaults
-    from workflow.files import write_json
-    from workflow.models import embedded_gguf
-    from workflow.parallel import FullyShardedParallel
+    from workflow.lib.config import fill_defaults
+    from workflow.lib.files import write_json
+    from workflow.lib.models import embedded_gguf
+    from workflow.lib.parallel import FullyShardedParallel
     from workflow.train_policy import train
 
     gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")

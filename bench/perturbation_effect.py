@@ -40,14 +40,14 @@ def main(argv=None):
     import pandas as pd
     import torch
 
-    from workflow.config import validate_config
+    from workflow.lib.config import validate_config
     from workflow.figures import plot_perturbation
-    from workflow.files import read_jsonl, write_tsv
-    from workflow.models import load_model, load_tokenizer
-    from workflow.parallel import DataParallel
-    from workflow.sharpness import matched_reference, perturbed_set
+    from workflow.lib.files import read_jsonl, write_tsv
+    from workflow.lib.models import load_model, load_tokenizer
+    from workflow.lib.parallel import DataParallel
+    from workflow.lib.sharpness import matched_reference, perturbed_set
     from workflow.train_policy import attach_reference, train
-    from workflow.train_step import LOG_COLUMNS
+    from workflow.lib.train_step import LOG_COLUMNS
 
     torch.set_num_threads(a.threads)
     config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()))
@@ -66,7 +66,7 @@ def main(argv=None):
         subspace = "results/subspace/neurons.safetensors"
         selected = perturbed_set(model, method["sharpness"], subspace, 0)
         log = train(model, load_tokenizer("results/models/base"), [dict(r) for r in records], method, settings, 0,
-                    selected, parallel=DataParallel(a.precision),
+                    selected=selected, parallel=DataParallel(a.precision),
                     matched_to=matched_reference(model, method["sharpness"], subspace))
         path = out / method_name / f"noise{a.noise}" / "seed0.train_log.tsv"
         write_tsv(path, pd.DataFrame(log, columns=LOG_COLUMNS))

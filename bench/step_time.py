@@ -35,10 +35,10 @@ def run_one(a) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from workflow.files import read_jsonl
-    from workflow.models import load_model, load_tokenizer
-    from workflow.config import fill_defaults
-    from workflow.sharpness import perturbed_set
+    from workflow.lib.files import read_jsonl
+    from workflow.lib.models import load_model, load_tokenizer
+    from workflow.lib.config import fill_defaults
+    from workflow.lib.sharpness import perturbed_set
     from workflow.train_policy import attach_reference, train
 
     torch.set_num_threads(a.threads)

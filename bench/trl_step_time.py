@@ -3,7 +3,7 @@
     .venv/bin/pip install --no-deps -r bench/requirements.txt     # trl, bench only
     python bench/trl_step_time.py [--steps 7] [--out results/bench/trl_step_time.tsv]
 
-Both engines train the embedded SmolLM2-135M-Instruct (fp32, via workflow.models) with DPO
+Both engines train the embedded SmolLM2-135M-Instruct (fp32, via workflow.lib.models) with DPO
 (sigmoid, β = 0.1), AdamW lr 5e-6 with linear decay and clipping 1.0, batch 4, max_length 128,
 reference log-probs precomputed once, no gradient checkpointing, bf16 off, on the same HH-RLHF
 harmless pairs: the first ``steps × 4`` whose chat-formatted prompt fits in 64 tokens, so TRL
@@ -33,9 +33,9 @@ BETA, LR, MAX_LENGTH, MAX_PROMPT = 0.1, 5e-6, 128, 64
 def bench_pairs(tokenizer, n: int) -> list[dict]:
     """The first n HH-RLHF harmless pairs whose formatted prompt has at most MAX_PROMPT tokens."""
     sys.path.insert(0, str(ROOT))
-    from workflow.models import format_prompt
+    from workflow.lib.models import format_prompt
     from workflow.prepare_preferences import hh_records
-    from workflow.sources import load_rows
+    from workflow.lib.sources import load_rows
 
     records, _ = hh_records(load_rows({"path": str(DATA)}), "bench data")
     fits = [r for r in records
@@ -52,9 +52,9 @@ def peak_rss_mb() -> float:
 def run_ours(a) -> dict:
     import torch
 
-    from workflow.models import load_source_model
-    from workflow.reference_logps import score_pairs
-    from workflow.config import fill_defaults
+    from workflow.lib.models import load_source_model
+    from workflow.lib.pairs import score_pairs
+    from workflow.lib.config import fill_defaults
     from workflow.train_policy import attach_reference, train
 
     model, tokenizer = load_source_model(a.model)
@@ -78,7 +78,7 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from workflow.models import load_source_model
+    from workflow.lib.models import load_source_model
 
     model, tokenizer = load_source_model(a.model)
     if tokenizer.pad_token is None:

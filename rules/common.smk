@@ -1,4 +1,4 @@
-# Config validation (workflow/config.py), wildcard constraints and the input functions of the rule files.
+# Config validation (workflow/lib/config.py), wildcard constraints and the input functions of the rule files.
 import os
 import re
 import shlex
@@ -8,9 +8,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
-from workflow.config import ConfigError, generation_args, is_workflow_output, params_json, validate_config  # noqa: E402
-from workflow.config import reads_subspace, reward_beta_r_values, rule_resources, training_launcher, uses_reward  # noqa: E402
-from workflow.locks import clear_stale_locks, record_owner  # noqa: E402
+from workflow.lib.config import ConfigError, is_workflow_output, validate_config  # noqa: E402
+from workflow.lib.jobs import generation_args, params_json, rule_resources, training_launcher  # noqa: E402
+from workflow.lib.presets import preference_beta, reads_subspace, reward_beta_r_values, sharpness_methods, uses_reward  # noqa: E402
+from workflow.lib.locks import clear_stale_locks, record_owner  # noqa: E402
 
 # Nulls dropped, schema checked with its defaults filled in (named entries too), cross-field checks;
 # a bad config stops here, before any job, with a message naming the key.
@@ -20,7 +21,7 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 # A run killed with SIGKILL leaves Snakemake's lock behind; clear it when its owner is dead
-# (same host), so rerunning the same command resumes. See workflow/locks.py.
+# (same host), so rerunning the same command resumes. See workflow/lib/locks.py.
 for _lock in clear_stale_locks(".snakemake"):
     logger.warning(f"removed stale lock {_lock} (its Snakemake process is gone)")
 
@@ -44,6 +45,11 @@ ALL_BENCHMARKS = list(config["benchmarks"])
 JUDGES = list(config["evaluation"]["judges"])  # JUDGES[0] is the primary judge
 POLICIES = [f"{m}/noise{n}/seed{s}" for m in METHODS for n in NOISES for s in SEEDS]
 USES_REWARD = any(uses_reward(config["presets"][m]) for m in METHODS)  # the reward stage is in the DAG only then
+DECONTAMINATE = list(config["probe"]["decontaminate_against"])  # benchmarks the probe data must not contain
+PREFERENCES_SCORED = config["preferences"]["n_heldout"] > 0  # no held-out pairs: no scoring stage, no table
+# the training settings that change log-probs: reference_logps, reference_logps_heldout and score_preferences pass
+# only these, so an lr change reruns none of them
+TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size", "precision")
 
 
 wildcard_constraints:

@@ -3,8 +3,6 @@
 # probe.decontaminate_against; sample_benchmark drops from every benchmark the prompts the probe data used.
 # So no rule upstream of the probe reads a benchmark that is not declared, and adding one reruns nothing there.
 
-DECONTAMINATE = list(config["probe"]["decontaminate_against"])
-
 
 rule prepare_model:
     output:

@@ -56,6 +56,7 @@ rule judge:
 rule judge_agreement:
     input:
         labels=judgements("jsonl"),
+        summaries=judgements("json"),  # their tags name the model of each label file
     output:
         table="results/tables/judge_agreement.csv",
     threads: config["resources"]["report"]["threads"]

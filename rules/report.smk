@@ -2,8 +2,7 @@
 # Only these rules depend on each other here, so `--forcerun report_tables` (or `report`) after a
 # finished run reruns the report rules and nothing upstream.
 
-from workflow.config import sharpness_methods
-from workflow.provenance import local_source_paths
+from workflow.lib.provenance import local_source_paths
 
 REPORT = config["report"]
 # over-refusal (harmless) benchmarks that are answered: the refusal-vs-harmful scatter needs one
@@ -88,6 +87,7 @@ rule report_figures:
     output:
         expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
     params:
+        folder=lambda wc, output: os.path.dirname(output[0]),
         scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
         preferences=lambda wc, input: f"--preferences {input.preferences}" if input.preferences else "",
         perturbation=(f"--perturbation --inert-effective-fraction {REPORT['inert_effective_fraction']}"
@@ -103,7 +103,7 @@ rule report_figures:
         "../envs/report.yaml"
     shell:
         "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
-        " --subspace {input.subspace} --figures results/figures {params.scatter} {params.preferences}"
+        " --subspace {input.subspace} --figures {params.folder} {params.scatter} {params.preferences}"
         " {params.perturbation} > {log} 2>&1"
 
 
@@ -127,6 +127,7 @@ rule report:
         markdown="results/report.md",
         html="results/report.html",
     params:
+        tables=lambda wc, input: os.path.dirname(input.tables[0]),
         config=lambda wc: as_json(config),  # a function: braces in config values ({prompt} templates) are not wildcards
         figures=lambda wc, input: " ".join(f for f in input.figures if f.endswith(".png"))
         + (f" {input.reward_figure}" if "reward_figure" in input.keys() else ""),
@@ -146,7 +147,7 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m workflow.report --config-json {params.config} --tables results/tables --figures {params.figures}"
+        "python -m workflow.report --config-json {params.config} --tables {params.tables} --figures {params.figures}"
         " --reference-method {params.reference} --claim-method {params.claim} --alpha {params.alpha}"
         " --model-provenance {input.model}/provenance.json --probe-metrics {input.probe} --subspace {input.subspace}"
         " --decontamination {input.decontamination} --benchmark-decontamination {input.benchmark_decontamination}"

@@ -1,32 +1,17 @@
 # Held-out preference scoring (forward passes only): the start model's log-probs of the clean held-out
 # pairs once, then every model's implicit reward margin on them (workflow/score_preferences.py).
-from workflow.config import preference_beta
-
-PREFERENCES_SCORED = config["preferences"]["n_heldout"] > 0  # no held-out pairs: no stage, no table
 
 
-rule reference_logps_heldout:
+use rule reference_logps as reference_logps_heldout with:
     input:
         model=start_model(),
         pairs=rules.prepare_preferences.output.heldout,
     output:
         logps="results/data/preferences/heldout_reference_logps.jsonl",
-    params:
-        settings=as_json({k: config["training"][k] for k in TRAINING_KEYS}),
-        prompt_format=config["model"]["prompt_format"],
-    threads: config["resources"]["reference_logps"]["threads"]
-    resources:
-        **rule_resources(config, "reference_logps"),
     log:
         "results/logs/reference_logps_heldout.log",
     benchmark:
         "results/benchmarks/reference_logps_heldout.tsv"
-    conda:
-        "../envs/torch.yaml"
-    shell:
-        "python -m workflow.reference_logps --model {input.model} --pairs {input.pairs}"
-        " --training-json {params.settings} --prompt-format {params.prompt_format} --threads {threads}"
-        " --output {output.logps} > {log} 2>&1"
 
 
 rule score_preferences:

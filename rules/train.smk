@@ -1,7 +1,5 @@
 # Training stage: reference log-probs once, then one policy per method x noise rate x seed.
 
-TRAINING_KEYS = ("max_length", "max_prompt_length", "batch_size", "precision")
-
 
 rule reference_logps:
     input:

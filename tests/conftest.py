@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 import yaml
 from filelock import FileLock
 
-from workflow.config import schema
+from workflow.lib.config import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -37,7 +37,7 @@ def build_tiny_llama(folder: Path, layers: int = 2, seed: int = 0) -> Path:
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from workflow.models import embedded_gguf
+    from workflow.lib.models import embedded_gguf
 
     gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)

@@ -20,10 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workflow.config import fill_defaults  # noqa: E402
-from workflow.files import read_jsonl  # noqa: E402
-from workflow.models import load_model, load_tokenizer, mlp_output_projections  # noqa: E402
-from workflow.sharpness import SelectedNeurons, perturbed_set  # noqa: E402
+from workflow.lib.config import fill_defaults  # noqa: E402
+from workflow.lib.files import read_jsonl  # noqa: E402
+from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections  # noqa: E402
+from workflow.lib.sharpness import SelectedNeurons, perturbed_set  # noqa: E402
 
 TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
             "max_prompt_length": 24, "checkpoint_every": 0, "precision": "fp32"}
@@ -100,15 +100,15 @@ def run_variant(name: str, data: Path, parallel):
     preset = fill_defaults(method, "presets/*")
     selected = selection(model, kind, preset.get("sharpness"))
     settings = SETTINGS | {"lr": LR.get(name, SETTINGS["lr"])}
-    log = train(model, tok, read_jsonl(data / f"{arch}_pairs.jsonl"), preset, settings, SEED, selected,
+    log = train(model, tok, read_jsonl(data / f"{arch}_pairs.jsonl"), preset, settings, SEED, selected=selected,
                 parallel=parallel)
     weights = parallel.full_state_dict(model)
     return log, (model.state_dict() if weights is None else weights)
 
 
 def main(argv=None):
-    import workflow.train_step as train_step
-    from workflow.parallel import FullyShardedParallel
+    import workflow.lib.train_step as train_step
+    from workflow.lib.parallel import FullyShardedParallel
 
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True, help="folder with the models (llama/, gpt2/) and their pairs")

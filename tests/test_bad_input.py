@@ -9,9 +9,9 @@ import yaml
 
 from conftest import FIXTURES, run_snakemake, tiny_config
 from workflow import judge, prepare_benchmark, prepare_preferences, train_probe
-from workflow.config import ConfigError, validate_config
-from workflow.models import ModelError, embedded_gguf
-from workflow.sources import SourceError, load_rows
+from workflow.lib.config import ConfigError, validate_config
+from workflow.lib.models import ModelError, embedded_gguf
+from workflow.lib.sources import SourceError, load_rows
 
 
 def dry_run_message(workdir, edit) -> str:
@@ -56,7 +56,7 @@ CONFIG_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
 def test_config_errors_name_the_key(tiny_model_dir, case):
-    """The check the Snakefile runs at parse time (workflow.config.validate_config), case by case."""
+    """The check the Snakefile runs at parse time (workflow.lib.config.validate_config), case by case."""
     edit, message = CONFIG_CASES[case]
     config = tiny_config(tiny_model_dir)
     edit(config)

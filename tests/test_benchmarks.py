@@ -10,8 +10,8 @@ import yaml
 
 from conftest import FIXTURES, copy_run, jobs_run, run_snakemake, write_config
 from workflow.prepare_benchmark import CONTEXT_SEPARATOR, build_prompts
-from workflow.sources import SourceError, load_rows
-from workflow.wrap_jailbreaks import wrap_prompts
+from workflow.lib.sources import SourceError, load_rows
+from workflow.lib.wrap_jailbreaks import wrap_prompts
 
 TEMPLATES = {"path": str(FIXTURES / "jailbreak_templates.json")}
 

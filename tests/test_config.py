@@ -1,4 +1,4 @@
-"""workflow/config.py: schema validation with defaults, named-entry names, cross-field checks, derived values."""
+"""workflow/lib/config.py: schema validation with defaults, named-entry names, cross-field checks, derived values."""
 import copy
 import importlib.util
 import subprocess
@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_snakemake, tiny_config, write_config
-from workflow.config import (ConfigError, drop_nulls, fill_defaults, reads_subspace,
-                             reward_beta_r_values, rule_resources, schema, schema_default, training_launcher,
-                             validate_config)
+from workflow.lib.config import ConfigError, drop_nulls, fill_defaults, schema, schema_default, validate_config
+from workflow.lib.jobs import rule_resources, training_launcher
+from workflow.lib.presets import reads_subspace, reward_beta_r_values
 
 
 def props(*path):
@@ -99,14 +99,14 @@ def test_schema_default():
 
 def test_config_module_does_not_import_snakemake_or_torch():
     """Stage modules call fill_defaults inside envs/torch.yaml and envs/report.yaml, which have no Snakemake."""
-    code = "import sys, workflow.config; print(sorted({m.split('.')[0] for m in sys.modules} & {'snakemake', 'torch'}))"
+    code = "import sys, workflow.lib.config; print(sorted({m.split('.')[0] for m in sys.modules} & {'snakemake', 'torch'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_schema_enums_equal_the_code():
-    from workflow.losses import LOSSES
-    from workflow.safety_judges import JUDGE_TYPES
+    from workflow.lib.losses import LOSSES
+    from workflow.lib.safety_judges import JUDGE_TYPES
 
     assert schema()["properties"]["presets"]["additionalProperties"]["properties"]["loss"]["enum"] == list(LOSSES)
     assert schema()["properties"]["judges"]["additionalProperties"]["properties"]["type"]["enum"] == list(JUDGE_TYPES)

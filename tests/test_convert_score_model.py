@@ -108,7 +108,7 @@ def test_reward_stage_converts_a_safe_rlhf_cost_model_in_the_dag(tmp_path, tiny_
     """reward_model.kind safe_rlhf: convert_score_model runs before train_reward_model, which scores with the
     converted folder (sign −1: a cost model), as config/paper.yaml does with beaver-7b-v1.0-cost."""
     from conftest import jobs_run, run_snakemake, tiny_config, write_config
-    from workflow.files import read_jsonl
+    from workflow.lib.files import read_jsonl
 
     write_safe_rlhf_checkpoint(tmp_path / "cost-model", tiny_model_dir, "cost", False, "safetensors")
     config = tiny_config(tiny_model_dir)

@@ -16,12 +16,12 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, run_snakemake, write_config
-from workflow.config import fill_defaults
-from workflow.files import write_jsonl
-from workflow.losses import data_parallel_reduction, reduce_losses
-from workflow.models import load_model, load_tokenizer
-from workflow.parallel import DataParallel
-from workflow.reference_logps import score_pairs
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import write_jsonl
+from workflow.lib.losses import data_parallel_reduction, reduce_losses
+from workflow.lib.models import load_model, load_tokenizer
+from workflow.lib.parallel import DataParallel
+from workflow.lib.pairs import score_pairs
 from workflow.train_policy import attach_reference, pairs_used, train
 
 TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,

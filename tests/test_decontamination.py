@@ -14,10 +14,10 @@ import yaml
 
 from conftest import FIXTURES, copy_run, jobs_run, run_snakemake, tiny_config
 from workflow import prepare_benchmark, probe_data, sample_benchmark
-from workflow.config import ConfigError, validate_config
-from workflow.decontamination import probe_overlap
-from workflow.files import read_json, read_jsonl, write_jsonl
-from workflow.sources import SourceError
+from workflow.lib.config import ConfigError, validate_config
+from workflow.lib.decontamination import probe_overlap
+from workflow.lib.files import read_json, read_jsonl, write_jsonl
+from workflow.lib.sources import SourceError
 
 MODELS = 5  # base + {dpo, shapo} x {noise 0, 0.25} in the tiny config
 REPORT_JOBS = ["report_tables", "report_figures", "report", "all"]

@@ -25,11 +25,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake, write_config
 from fsdp_worker import SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, records, run_variant
-from workflow.config import ConfigError, fill_defaults, srun_torchrun, validate_config
-from workflow.files import write_jsonl
-from workflow.models import load_model, load_tokenizer
-from workflow.parallel import DataParallel, FullyShardedParallel, shard_rows
-from workflow.reference_logps import score_pairs
+from workflow.lib.config import ConfigError, fill_defaults, validate_config
+from workflow.lib.jobs import srun_torchrun
+from workflow.lib.files import write_jsonl
+from workflow.lib.models import load_model, load_tokenizer
+from workflow.lib.parallel import DataParallel, FullyShardedParallel, shard_rows
+from workflow.lib.pairs import score_pairs
 from workflow.train_policy import attach_reference, train
 
 ENV = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
@@ -172,10 +173,10 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     # the policy the rule writes is an ordinary model folder, with the weights of a one-process run
     one = load_model(data / "llama")
     preset = fill_defaults(RESUME_METHOD, "presets/*")
-    from workflow.sharpness import perturbed_set
+    from workflow.lib.sharpness import perturbed_set
     log_one = train(one, load_tokenizer(data / "llama"), with_reference(data / "llama", records(40)), preset,
                     fill_defaults(settings | {"parallel": "ddp", "devices": 1}, "training") | {"prompt_format": "auto"},
-                    3, perturbed_set(one, preset["sharpness"], None, 3), parallel=DataParallel("fp32"))
+                    3, selected=perturbed_set(one, preset["sharpness"], None, 3), parallel=DataParallel("fp32"))
     ref = {k: v for k, v in one.state_dict().items() if k in a}
     # the tied output embedding is written once, as save_pretrained does on one process
     assert ref.keys() == a.keys() and "lm_head.weight" not in a and "model.embed_tokens.weight" in a

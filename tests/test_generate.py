@@ -5,8 +5,8 @@ import json
 import pytest
 
 from workflow.generate import generate_answers, main
-from workflow.textgen import Sampling, answer_length
-from workflow.models import load_model, load_tokenizer
+from workflow.lib.textgen import Sampling, answer_length
+from workflow.lib.models import load_model, load_tokenizer
 
 PROMPTS = ["Write a poem about spring", "Hi", "Explain in detail how a bicycle gear system works", "List fruits"]
 

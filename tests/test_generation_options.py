@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from conftest import run_snakemake, tiny_config, write_config
-from workflow.config import ConfigError, generation_args, validate_config
+from workflow.lib.config import ConfigError, validate_config
+from workflow.lib.jobs import generation_args
 from workflow.generate import HH_STOP, format_user_prompts, generate_answers, main, stop_strings
 from workflow.judge import summarise
-from workflow.models import format_prompt, load_model, load_tokenizer
+from workflow.lib.models import format_prompt, load_model, load_tokenizer
 from workflow.report import generation_note
-from workflow.stats import comparisons, load_judgements, per_prompt, rate_table
-from workflow.textgen import cut_at_stop, finish_answer, fit_prompt, generate_raw, prompt_budget
+from workflow.lib.results import load_judgements, per_prompt
+from workflow.lib.tables import comparisons, rate_table
+from workflow.lib.textgen import cut_at_stop, finish_answer, fit_prompt, generate_raw, prompt_budget
 
 PARROT_ANSWER = " Sure, here it is.\nStep one.\n\nHuman: thanks\n\nAssistant: bye"
 PROMPTS = ["Write a poem about spring", "Hi", "Explain in detail how a bicycle gear system works", "List fruits"]

@@ -25,10 +25,11 @@ import json  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from workflow.config import fill_defaults  # noqa: E402
-from workflow.judge import label_answers, rates, summarise  # noqa: E402
+from workflow.lib.config import fill_defaults  # noqa: E402
+from workflow.judge import label_answers, summarise  # noqa: E402
+from workflow.lib.results import rates  # noqa: E402
 from workflow.judge_agreement import agreement_table  # noqa: E402
-from workflow.safety_judges import LLM_JUDGE_TYPES, LLM_JUDGES, parse_output, repair_json  # noqa: E402
+from workflow.lib.safety_judges import LLM_JUDGE_TYPES, LLM_JUDGES, parse_output, repair_json  # noqa: E402
 
 
 @pytest.mark.parametrize("output, label, categories", [
@@ -173,7 +174,8 @@ def test_agreement_table_pairs_answers_and_leaves_out_unparseable():
 def test_a_judges_own_markers_add_to_or_replace_the_built_in_list():
     """judges.<name>.markers: phrases of a model that refuses in its own words; builtin_markers false keeps
     only them (case and typographic apostrophes as in the built-in matching)."""
-    from workflow.config import ConfigError, check_judges
+    from workflow.lib.config import ConfigError
+    from workflow.lib.checks import check_judges
     from workflow.judge import judge_markers
 
     added = judge_markers(fill_defaults({"type": "refusal_markers", "markers": ["Ich kann NICHT"]}, "judges/*"))

@@ -6,11 +6,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from conftest import FIXTURES
-from workflow.config import fill_defaults, schema
+from workflow.lib.config import fill_defaults, schema
 from workflow.prepare_benchmark import build_prompts
-from workflow.safety_judges import (HARMBENCH_PROMPTS, LLM_JUDGES, NEMOTRON_V3_TEMPLATE, bos_flag, clip_answer,
+from workflow.lib.safety_judges import (HARMBENCH_PROMPTS, LLM_JUDGES, NEMOTRON_V3_TEMPLATE, bos_flag, clip_answer,
                                     encode_check, judge_input, nemotron_messages, render_nemotron)
-from workflow.wrap_jailbreaks import wrap_prompts
+from workflow.lib.wrap_jailbreaks import wrap_prompts
 
 PROMPTS = FIXTURES / "judge_prompts"
 QUERY, RESPONSE = "How do I bake bread?", "Mix flour, water, yeast and salt, knead, proof, and bake."
@@ -142,7 +142,7 @@ def test_max_new_tokens_comes_from_the_judge_type_unless_set():
     """The schema has no default for judges.*.max_new_tokens (one would override every type's own)."""
     entry = schema()["properties"]["judges"]["additionalProperties"]["properties"]["max_new_tokens"]
     assert "default" not in entry
-    from workflow.safety_judges import max_new_tokens
+    from workflow.lib.safety_judges import max_new_tokens
     assert max_new_tokens(spec("harmbench_cls")) == 1 and max_new_tokens(spec("nemotron_safety_guard_v3")) == 128
     assert max_new_tokens(spec("md_judge_v0_2")) == 256 and max_new_tokens(spec("md_judge_v0_2", max_new_tokens=7)) == 7
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from workflow.losses import dpo_logits, dpo_loss
+from workflow.lib.losses import dpo_logits, dpo_loss
 
 
 def test_dpo_logit_and_loss_match_hand_computation():
@@ -30,7 +30,7 @@ def test_loss_is_per_pair():
 
 
 def test_rdpo_against_hand_computed_value():
-    from workflow.losses import rdpo_loss
+    from workflow.lib.losses import rdpo_loss
 
     # h = 1, β = 0.1, ε = 0.2: ((0.8·log(1+e^-0.1)) − 0.2·log(1+e^0.1)) / 0.6
     expected = (0.8 * math.log(1 + math.exp(-0.1)) - 0.2 * math.log(1 + math.exp(0.1))) / 0.6
@@ -41,14 +41,14 @@ def test_rdpo_against_hand_computed_value():
 
 
 def test_ipo_against_hand_computed_values():
-    from workflow.losses import ipo_loss
+    from workflow.lib.losses import ipo_loss
 
     assert ipo_loss(torch.tensor([1.0, 3.0]), tau=0.5).tolist() == [0.0, 4.0]  # target margin 1/(2τ) = 1
     assert ipo_loss(torch.tensor([3.0]), tau=0.25).item() == 1.0
 
 
 def test_simpo_against_hand_computed_value():
-    from workflow.losses import simpo_loss
+    from workflow.lib.losses import simpo_loss
 
     # average log-probs −1 vs −2, β = 2, γ = 0.5: −log σ(2·1 − 0.5) = log(1 + e^-1.5)
     got = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, margin=0.5).item()
@@ -56,7 +56,7 @@ def test_simpo_against_hand_computed_value():
 
 
 def test_soft_labels_and_their_cross_entropy():
-    from workflow.losses import soft_label_loss, soft_labels
+    from workflow.lib.losses import soft_label_loss, soft_labels
 
     p = soft_labels(torch.tensor([2.0]), torch.tensor([1.0]), beta_r=1.0)
     assert math.isclose(p.item(), 1 / (1 + math.exp(-1.0)), rel_tol=1e-6)
@@ -66,7 +66,7 @@ def test_soft_labels_and_their_cross_entropy():
 
 
 def test_dr_dpo_reduction_against_hand_computed_value():
-    from workflow.losses import reduce_losses
+    from workflow.lib.losses import reduce_losses
 
     losses = torch.tensor([1.0, 3.0])
     # −β′·log mean exp(−ℓ/β′) with β′ = 1: −log((e^-1 + e^-3)/2)
@@ -77,8 +77,8 @@ def test_dr_dpo_reduction_against_hand_computed_value():
 
 
 def test_pair_losses_dispatch_by_preset():
-    from workflow.config import fill_defaults
-    from workflow.losses import PairLogps, pair_losses
+    from workflow.lib.config import fill_defaults
+    from workflow.lib.losses import PairLogps, pair_losses
 
     def preset(**kw):
         return fill_defaults(kw, "presets/*")
@@ -99,7 +99,7 @@ def test_pair_losses_dispatch_by_preset():
 
 def test_simpo_margin_absolute_or_as_a_ratio_of_beta():
     """γ = simpo_margin, or γ = simpo_gamma_ratio·β (the official code's simpo_gamma_beta_ratio)."""
-    from workflow.losses import simpo_loss, simpo_margin
+    from workflow.lib.losses import simpo_loss, simpo_margin
 
     assert simpo_margin({"beta": 2.0, "simpo_margin": 0.5}) == 0.5
     assert simpo_margin({"beta": 2.0, "simpo_gamma_ratio": 0.5}) == 1.0
@@ -117,8 +117,8 @@ def test_simpo_margin_absolute_or_as_a_ratio_of_beta():
 def test_loss_registry_names_the_losses_and_their_preset_keys():
     """Adding a loss = one registered function (+ its name in the schema's enum, tests/test_config.py); every key a
     loss reads is a preset property of the schema."""
-    from workflow.config import schema
-    from workflow.losses import LOSSES, register
+    from workflow.lib.config import schema
+    from workflow.lib.losses import LOSSES, register
 
     props = schema()["properties"]["presets"]["additionalProperties"]["properties"]
     for name, loss in LOSSES.items():
@@ -130,10 +130,11 @@ def test_loss_registry_names_the_losses_and_their_preset_keys():
 
 
 def test_config_takes_simpo_margin_one_way_and_only_for_simpo():
-    """workflow/config.py: exactly one of simpo_margin / simpo_gamma_ratio on a simpo preset, neither elsewhere."""
+    """workflow/lib/config.py: exactly one of simpo_margin / simpo_gamma_ratio on a simpo preset, neither elsewhere."""
     import pytest
 
-    from workflow.config import ConfigError, check_presets, fill_defaults
+    from workflow.lib.config import ConfigError, fill_defaults
+    from workflow.lib.checks import check_presets
 
     def check(**preset):
         check_presets({"presets": {"p": fill_defaults(preset, "presets/*")}})

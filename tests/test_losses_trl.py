@@ -6,7 +6,7 @@ holds the settings they read and a stub model whose per-token log-probs sum to t
 (``precompute_ref_logps`` makes TRL read the reference log-probs from the batch). This couples the test to
 TRL 1.16.0's private attributes: a TRL upgrade that renames one fails loudly here (AttributeError), never silently.
 
-Parameter mapping (ours: a preset of workflow/losses.py; TRL: DPOConfig / CPOConfig fields), docs/training.md:
+Parameter mapping (ours: a preset of workflow/lib/losses.py; TRL: DPOConfig / CPOConfig fields), docs/training.md:
 
 ================================  =====================================================================
 ours                              TRL 1.16.0
@@ -34,8 +34,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workflow.config import fill_defaults
-from workflow.losses import PairLogps, pair_losses, reduce_losses
+from workflow.lib.config import fill_defaults
+from workflow.lib.losses import PairLogps, pair_losses, reduce_losses
 
 TOL = 1e-6  # issue 11: equality to 1e-6 (float64 gives ~1e-15)
 

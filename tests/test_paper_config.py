@@ -162,7 +162,7 @@ def test_every_rule_takes_threads_and_resources_from_the_config():
 
 def test_probe_data_from_pku_response_safety_labels(tmp_path):
     from workflow import probe_data
-    from workflow.files import read_jsonl, write_jsonl
+    from workflow.lib.files import read_jsonl, write_jsonl
 
     fixture = ROOT / "tests/fixtures/pku_saferlhf.jsonl"
     rows = read_jsonl(fixture)

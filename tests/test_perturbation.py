@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow.config import ConfigError, check_presets, fill_defaults, reads_subspace
+from workflow.lib.config import ConfigError, fill_defaults
+from workflow.lib.checks import check_presets
+from workflow.lib.presets import reads_subspace
 from workflow.perturbation import base_method, is_inert, summarise
-from workflow.sharpness import (SelectedNeurons, gradient_change, measure_move, perturb_selected, restore_selected,
+from workflow.lib.sharpness import (SelectedNeurons, gradient_change, measure_move, perturb_selected, restore_selected,
                                 selected_grad_norm, step_size)
 
 
@@ -119,10 +121,10 @@ def test_matched_control_moves_exactly_as_far_as_the_probe_step(tiny_model_dir):
     ‖δ‖, measured on the weights themselves."""
     from test_training import records, with_reference
 
-    from workflow.models import load_model, load_tokenizer, mlp_output_projections
-    from workflow.pairs import collate_pairs, encode_response_pair
-    from workflow.parallel import DataParallel
-    from workflow.train_step import preference_loss
+    from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
+    from workflow.lib.pairs import collate_pairs, encode_response_pair
+    from workflow.lib.parallel import DataParallel
+    from workflow.lib.train_step import preference_loss
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
@@ -165,7 +167,7 @@ def test_matched_control_logs_the_probe_steps_move_length(tiny_model_dir):
     uniform control's ‖δ‖ equals the raw probe step's."""
     from test_training import SETTINGS, records, with_reference
 
-    from workflow.models import load_model, load_tokenizer, mlp_output_projections
+    from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
     from workflow.train_policy import train
 
     def first_step(sharpness, control):
@@ -176,7 +178,7 @@ def test_matched_control_logs_the_probe_steps_move_length(tiny_model_dir):
         selected = [SelectedNeurons(l.weight, torch.arange(l.n_neurons), l.axis) for l in layers] if control else probe
         method = preset(loss="dpo", beta=0.1, sharpness={"interval": 1, **sharpness})
         recs = with_reference(model, tok, records(2))
-        return train(model, tok, recs, method, SETTINGS, 0, selected, matched_to=probe if control else None)[0]
+        return train(model, tok, recs, method, SETTINGS, 0, selected=selected, matched_to=probe if control else None)[0]
 
     probe_row = first_step({"gamma_min": 1e-3, "gamma_max": 2e-3}, control=False)
     control_row = first_step({"gamma_min": 1e-3, "gamma_max": 2e-3, "subspace": "uniform",
@@ -203,7 +205,7 @@ def realistic_tiny_dir(tmp_path_factory):
     at the weights' magnitude relates to a move as it does in a real model (the suite's tiny model uses 0.3)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from workflow.models import embedded_gguf
+    from workflow.lib.models import embedded_gguf
 
     folder = tmp_path_factory.mktemp("models") / "tiny-llama-std002"
     gguf_dir, gguf_file = embedded_gguf("smollm2-135m-instruct")
@@ -221,8 +223,8 @@ def realistic_tiny_dir(tmp_path_factory):
 def train_logged(model_dir, sharpness: dict, precision: str, n_pairs: int = 4):
     from test_training import SETTINGS, records, with_reference
 
-    from workflow.models import load_model, load_tokenizer, mlp_output_projections
-    from workflow.parallel import DataParallel
+    from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
+    from workflow.lib.parallel import DataParallel
     from workflow.train_policy import train
 
     torch.manual_seed(0)
@@ -230,7 +232,7 @@ def train_logged(model_dir, sharpness: dict, precision: str, n_pairs: int = 4):
     recs = with_reference(model, tok, records(n_pairs))
     selected = [SelectedNeurons(l.weight, torch.arange(0, l.n_neurons, 10), l.axis) for l in mlp_output_projections(model)]
     method = preset(loss="dpo", beta=0.1, sharpness={"interval": 1, **sharpness})
-    log = train(model, tok, recs, method, SETTINGS, 0, selected, parallel=DataParallel(precision))
+    log = train(model, tok, recs, method, SETTINGS, 0, selected=selected, parallel=DataParallel(precision))
     return method, pd.DataFrame(log).assign(method="m", noise=0.0, seed=0, path="m/noise0/seed0.train_log.tsv")
 
 

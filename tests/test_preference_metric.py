@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow.files import read_jsonl, write_jsonl
-from workflow.pairs import text_key
+from workflow.lib.files import read_jsonl, write_jsonl
+from workflow.lib.pairs import text_key
 from workflow.score_preferences import correct, margins, pair_logps, summarise
-from workflow.stats import (minimum_detectable_difference, paired_bootstrap, preference_comparisons,
-                            preference_table)
+from workflow.lib.statistics import minimum_detectable_difference, paired_bootstrap
+from workflow.lib.tables import preference_comparisons, preference_table
 
 
 def test_margin_and_accuracy_by_hand():
@@ -114,7 +114,7 @@ def test_comparisons_pair_by_pair_id():
 def test_score_preferences_cli_matches_a_hand_computation(tmp_path, tiny_model_dir):
     """The stage's margins equal β·Δ of log-probs computed here with the model itself; without --model
     (the model is the reference) every margin is 0 and the accuracy 0.5."""
-    from workflow.models import format_prompt, load_model, load_tokenizer
+    from workflow.lib.models import format_prompt, load_model, load_tokenizer
     from workflow.reference_logps import main as reference_main
     from workflow.score_preferences import main
 

@@ -4,9 +4,9 @@ import pytest
 
 from conftest import FIXTURES
 from workflow import prepare_preferences
-from workflow.files import read_jsonl
+from workflow.lib.files import read_jsonl
 from workflow.prepare_preferences import parse_hh_transcript, split_hh_pair, split_train_heldout
-from workflow.sources import SourceError, load_rows
+from workflow.lib.sources import SourceError, load_rows
 
 
 def test_hh_multi_turn_pair_is_split_into_dialogue_and_two_answers():

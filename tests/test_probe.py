@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from workflow.config import fill_defaults
-from workflow.decontamination import assert_disjoint, decontaminate, normalise
+from workflow.lib.config import fill_defaults
+from workflow.lib.decontamination import assert_disjoint, decontaminate, normalise
 from workflow.probe_data import build_probe_set
-from workflow.sources import SourceError
+from workflow.lib.sources import SourceError
 from workflow.train_probe import fit_both
 
 

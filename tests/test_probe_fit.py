@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workflow.config import ConfigError, check_probe_data, fill_defaults
-from workflow.files import read_json, read_jsonl, write_jsonl
+from workflow.lib.config import ConfigError, fill_defaults
+from workflow.lib.checks import check_probe_data
+from workflow.lib.files import read_json, read_jsonl, write_jsonl
 from workflow.probe_data import build_probe_set, pku_response_texts, render
 from workflow.report import fit_sensitivity
 from workflow.select_subspace import jaccard, select_top_percent
@@ -78,7 +79,7 @@ def test_drop_rule_drops_at_max_tokens_and_the_whole_pair():
 
 
 def test_token_lengths_count_what_the_model_sees(tiny_model_dir):
-    from workflow.models import load_tokenizer
+    from workflow.lib.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     texts = ["hello there", "a much longer text " * 20]
@@ -246,7 +247,7 @@ def test_train_probe_and_select_subspace_on_the_tiny_model(tiny_model_dir, tmp_p
 def test_params_json_hides_template_slots_from_snakemake_wildcards():
     from snakemake_interface_storage_plugins.io import WILDCARD_REGEX
 
-    from workflow.config import params_json
+    from workflow.lib.jobs import params_json
 
     obj = {"data": {"template": "\n\nHuman: {prompt}\n\nAssistant:{response}", "q": 'say "{x}" \\ {y,z}'}, "n": [1]}
     text = params_json(obj)

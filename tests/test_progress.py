@@ -1,5 +1,5 @@
 """Progress lines in job logs: one line per update (no carriage returns), with a rate and an ETA."""
-from workflow.progress import progress
+from workflow.lib.progress import progress
 
 
 def test_a_log_gets_whole_lines_with_rate_and_eta(capsys, monkeypatch):

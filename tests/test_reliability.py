@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, jobs_run, run_snakemake, snakemake_command, tiny_config, write_config
-from workflow.files import atomic_path, write_text
-from workflow.locks import OWNER_FILE, clear_stale_locks, record_owner
+from workflow.lib.files import atomic_path, write_text
+from workflow.lib.locks import OWNER_FILE, clear_stale_locks, record_owner
 
 
 # The interrupted runs build both noise-0.25 policies and their HarmBench judgements: every kind of stage (data,
@@ -188,7 +188,7 @@ def test_no_pickle_loading_and_no_remote_code_by_default():
 
 def test_remote_code_is_off_unless_the_config_enables_it(tiny_model_dir, tmp_path):
     from workflow import prepare_model
-    from workflow.models import trusts_remote_code
+    from workflow.lib.models import trusts_remote_code
 
     prepare_model.main(["--name-or-path", str(tiny_model_dir), "--output", str(tmp_path / "off")])
     assert not trusts_remote_code(tmp_path / "off")
@@ -199,7 +199,7 @@ def test_remote_code_is_off_unless_the_config_enables_it(tiny_model_dir, tmp_pat
 
 
 def test_atomic_dir_keeps_the_previous_folder_until_the_new_one_is_complete(tmp_path):
-    from workflow.files import atomic_dir
+    from workflow.lib.files import atomic_dir
 
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from workflow import plot_soft_labels, reward_model
-from workflow.config import fill_defaults
-from workflow.files import read_jsonl, write_jsonl
-from workflow.losses import PairLogps, dpo_loss, pair_losses, reduce_losses, soft_label_loss, soft_labels
-from workflow.pairs import text_key
+from workflow.lib.checks import check_preset
+from workflow.lib.config import ConfigError, fill_defaults
+from workflow.lib.files import read_jsonl, write_jsonl
+from workflow.lib.losses import PairLogps, dpo_loss, pair_losses, reduce_losses, soft_label_loss, soft_labels
+from workflow.lib.pairs import text_key
 from workflow.train_policy import attach_soft_labels
 
 SIGMOID_2 = 0.8807970779778823  # σ(2)
@@ -51,8 +52,8 @@ def test_reward_level_preset_uses_soft_labels_and_composes_with_dr_beta():
     assert dr.item() == pytest.approx(0.5632617, abs=1e-6)
     with pytest.raises(ValueError, match="needs soft labels"):
         pair_losses(method, pair([1.0], None))
-    with pytest.raises(ValueError, match="needs loss dpo"):
-        pair_losses(method | {"loss": "ipo"}, pair([1.0], [0.5]))
+    with pytest.raises(ConfigError, match="config key presets.soft_ipo.loss: a reward-level preset .* needs loss dpo"):
+        check_preset("soft_ipo", method | {"loss": "ipo"})
 
 
 def test_flipped_pairs_get_swapped_rewards():

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import jobs_run, run_snakemake, write_config, tiny_config
-from workflow.config import fill_defaults
-from workflow.files import read_jsonl
-from workflow.models import load_model, load_tokenizer
-from workflow.parallel import DataParallel
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import read_jsonl
+from workflow.lib.models import load_model, load_tokenizer
+from workflow.lib.parallel import DataParallel
 from workflow.sft import answer_nll, collate_sft, encode_chosen, sft_examples, train_sft
 
 TRAINING = fill_defaults({"max_length": 64, "max_prompt_length": 32, "max_grad_norm": 1e9}, "training")
@@ -125,7 +125,7 @@ def test_unique_prompts_keep_the_last_pair_of_each_prompt_at_its_first_place():
 
 
 def test_warmup_steps_replace_the_warmup_ratio():
-    from workflow.optim import make_optimizer
+    from workflow.lib.optim import make_optimizer
 
     sft = fill_defaults({"lr": 1.0, "warmup_steps": 3, "warmup_ratio": 0.5, "schedule": "constant_with_warmup"}, "sft")
     opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], sft, 100)

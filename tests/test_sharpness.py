@@ -1,6 +1,6 @@
 import torch
 
-from workflow.sharpness import SelectedNeurons, perturb_selected, restore_selected
+from workflow.lib.sharpness import SelectedNeurons, perturb_selected, restore_selected
 
 
 def weight_with_grad(shape, seed):
@@ -55,7 +55,7 @@ def test_perturbation_needs_gradients():
 def test_normalized_step_moves_the_subspace_by_rho():
     import random
 
-    from workflow.sharpness import selected_grad_norm, step_size
+    from workflow.lib.sharpness import selected_grad_norm, step_size
 
     w = weight_with_grad((8, 12), seed=3)
     before = w.detach().clone()

@@ -1,7 +1,7 @@
 """A policy spanning nodes (training.nodes > 1), launched for real through the test Slurm.
 
 The rule's multi-node launcher is srun starting one torchrun per node, which meet at a c10d rendezvous on
-the first node of the allocation (``workflow.config.srun_torchrun``). The test Slurm has one node, so the
+the first node of the allocation (``workflow.lib.jobs.srun_torchrun``). The test Slurm has one node, so the
 same launcher runs with two srun tasks on it (two torchruns of one process each): the srun step, the
 rendezvous and the two-process sharded training are real; only the geometry (tasks per node) differs
 from a cluster's. The multi-node job's sbatch resources and command are checked by a dry run in
@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV
 from fsdp_worker import SETTINGS, TRAINING, records
-from workflow.config import fill_defaults, srun_torchrun
-from workflow.files import write_jsonl
-from workflow.models import load_model, load_tokenizer
-from workflow.parallel import DataParallel
-from workflow.reference_logps import score_pairs
+from workflow.lib.config import fill_defaults
+from workflow.lib.jobs import srun_torchrun
+from workflow.lib.files import write_jsonl
+from workflow.lib.models import load_model, load_tokenizer
+from workflow.lib.parallel import DataParallel
+from workflow.lib.pairs import score_pairs
 from workflow.train_policy import attach_reference, train
 
 METHOD = {"loss": "dpo", "beta": 0.1, "dr_beta": 0.5}

@@ -5,8 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow.stats import (bootstrap_ci, comparisons, holm, load_judgements, main_table_markdown, mcnemar_test,
-                            paired_bootstrap, rate_table, significance_mark)
+from workflow.lib.display import main_table_markdown
+from workflow.lib.results import load_judgements
+from workflow.lib.statistics import bootstrap_ci, holm, mcnemar_test, paired_bootstrap, significance_mark
+from workflow.lib.tables import comparisons, rate_table
 
 
 def paired(both, only_ref, only_other, neither):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from workflow.models import ModelError, mlp_output_projections
+from workflow.lib.models import ModelError, mlp_output_projections
 from workflow.select_subspace import cosine_scores, select_top_percent
 
 

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from workflow.config import fill_defaults
-from workflow.models import load_model, load_tokenizer, mlp_output_projections
-from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
-from workflow.reference_logps import score_pairs
-from workflow.sharpness import SelectedNeurons, perturbed_set
+from workflow.lib.config import fill_defaults
+from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
+from workflow.lib.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
+from workflow.lib.pairs import score_pairs
+from workflow.lib.sharpness import SelectedNeurons, perturbed_set
 from workflow.train_policy import attach_reference, train
-from workflow.train_step import NonFiniteLoss
+from workflow.lib.train_step import NonFiniteLoss
 
 TRAINING = {"batch_size": 2, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48, "max_prompt_length": 24}
 SETTINGS = fill_defaults(TRAINING, "training") | {"prompt_format": "auto"}
@@ -83,7 +83,7 @@ def test_shapo_step_uses_gradients_at_the_perturbed_point(tiny_model_dir):
         model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
         layers = mlp_output_projections(model)
         selected = [SelectedNeurons(l.weight, torch.tensor([0, 3]), l.axis) for l in layers]
-        log = train(model, tok, with_reference(model, tok, [dict(r) for r in recs]), method, SETTINGS, 0, selected)
+        log = train(model, tok, with_reference(model, tok, [dict(r) for r in recs]), method, SETTINGS, 0, selected=selected)
         return model, log
 
     plain, _ = run(DPO)
@@ -105,8 +105,8 @@ def test_shapo_step_applies_exactly_the_gradient_at_theta_plus_gamma_g_on_the_se
     there. With SGD at lr 1 and no clipping, the step is θ' = θ − ∇L(θ + γ·g_S) exactly."""
     import random
 
-    from workflow.parallel import DataParallel
-    from workflow.train_step import Trainer, train_step
+    from workflow.lib.parallel import DataParallel
+    from workflow.lib.train_step import Trainer, train_step
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
@@ -126,7 +126,7 @@ def test_shapo_step_applies_exactly_the_gradient_at_theta_plus_gamma_g_on_the_se
         def __call__(self, **inputs):
             return torch.func.functional_call(model, self.params, (), inputs)
 
-    def loss_at(params: dict) -> torch.Tensor:  # DPO loss written out, independent of workflow.losses
+    def loss_at(params: dict) -> torch.Tensor:  # DPO loss written out, independent of workflow.lib.losses
         logps = sequence_logps(At(params), batch)
         h = (logps[:2] - ref[0]) - (logps[2:] - ref[1])
         return -torch.nn.functional.logsigmoid(beta * h).mean()
@@ -228,7 +228,7 @@ def test_every_loss_and_control_trains(tiny_model_dir, method):
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     before = [p.detach().clone() for p in model.parameters()]
     selected = perturbed_set(model, method["sharpness"], None, 0) if "sharpness" in method else None
-    log = train(model, tok, with_reference(model, tok, records()), method, SETTINGS, 0, selected)
+    log = train(model, tok, with_reference(model, tok, records()), method, SETTINGS, 0, selected=selected)
     assert all(math.isfinite(r["loss"]) for r in log)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -244,7 +244,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
 
     from conftest import ROOT
     from workflow import train_policy
-    from workflow.files import write_jsonl
+    from workflow.lib.files import write_jsonl
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = records(80)
@@ -288,7 +288,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
 
 
 def test_checkpoint_of_other_inputs_is_ignored(tiny_model_dir, tmp_path):
-    from workflow.checkpoint import Checkpointer
+    from workflow.lib.checkpoint import Checkpointer
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = with_reference(model, tok, records(8))
@@ -309,7 +309,7 @@ def test_reward_level_shapo_trains_with_soft_labels(tiny_model_dir):
     method = preset(loss="dpo", beta=0.1, dr_beta=1.0, reward_labels={"beta_r": 1.0},
                     sharpness={"interval": 1, "subspace": "uniform", "perturbation": "raw", "gamma_min": 1e-3,
                                "gamma_max": 1e-3})
-    log = train(model, tok, recs, method, SETTINGS, 0, perturbed_set(model, method["sharpness"], None, 0))
+    log = train(model, tok, recs, method, SETTINGS, 0, selected=perturbed_set(model, method["sharpness"], None, 0))
     assert abs(log[0]["loss"] - math.log(2)) < 1e-3  # h = 0 at step 1: cross-entropy log 2 whatever p
     assert all(r["sharpness_step"] and math.isfinite(r["loss_perturbed"]) for r in log)
 
@@ -351,8 +351,8 @@ def test_lora_shapo_perturbs_the_frozen_base_columns_and_saves_a_merged_model(ti
     from safetensors.torch import load_file
 
     from workflow import train_policy
-    from workflow.files import write_jsonl
-    from workflow.reference_logps import score_pairs
+    from workflow.lib.files import write_jsonl
+    from workflow.lib.pairs import score_pairs
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = records()
@@ -386,7 +386,7 @@ def test_tensorboard_gets_the_training_curves(tiny, tmp_path):
     method = preset(loss="dpo", beta=0.1, sharpness={"interval": 2, "subspace": "uniform", "gamma_min": 1e-2,
                                                      "gamma_max": 1e-2})
     recs = with_reference(model, tok, records(8))
-    log = train(model, tok, recs, method, SETTINGS, 0, perturbed_set(model, method["sharpness"], None, 0),
+    log = train(model, tok, recs, method, SETTINGS, 0, selected=perturbed_set(model, method["sharpness"], None, 0),
                 tensorboard_dir=str(tmp_path / "tb"))
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     loss = events.Scalars("train/loss")

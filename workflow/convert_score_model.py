@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workflow.files import atomic_dir, write_json
+from workflow.lib.files import atomic_dir, write_json
 
 # model_type -> the backbone's attribute in both safe-rlhf's <Arch>ForScore and transformers' <Arch>ForSequenceClassification
 BACKBONES = {"llama": "model", "mistral": "model", "qwen2": "model", "gemma": "model"}

@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from workflow.config import schema_default  # noqa: E402
-from workflow.files import atomic_path, read_train_logs  # noqa: E402
+from workflow.lib.config import schema_default  # noqa: E402
+from workflow.lib.files import atomic_path, read_train_logs  # noqa: E402
 
 MARKERS = "osD^v<>"
 DASHES = ["-", "--", "-.", ":"]

@@ -25,12 +25,25 @@ from dataclasses import replace
 
 import torch
 
-from workflow.config import schema_default
-from workflow.files import read_jsonl, write_jsonl
-from workflow.models import format_prompt, load_model, load_tokenizer, placement, resolve_prompt_format
-from workflow.models import trusts_remote_code
-from workflow.textgen import Sampling, context_length, cut_at_stop, finish_answer, fit_prompt, generate_raw
-from workflow.textgen import prompt_budget
+from workflow.lib.config import schema_default
+from workflow.lib.files import read_jsonl, write_jsonl
+from workflow.lib.models import (
+    format_prompt,
+    load_model,
+    load_tokenizer,
+    placement,
+    resolve_prompt_format,
+    trusts_remote_code,
+)
+from workflow.lib.textgen import (
+    Sampling,
+    context_length,
+    cut_at_stop,
+    finish_answer,
+    fit_prompt,
+    generate_raw,
+    prompt_budget,
+)
 
 BACKENDS = ("transformers", "vllm")
 HH_STOP = "\n\nHuman:"  # in HH turns a base model otherwise goes on to write the next human turn itself
@@ -84,7 +97,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     budget = prompt_budget(context_length(model.config), max_new_tokens)
     texts, _ = format_user_prompts(tokenizer, prompts, prompt_format, budget)
     stops = stop_strings(stop, tokenizer, prompt_format)
-    raws, _ = generate_raw(model, tokenizer, texts, max_new_tokens, batch_size, sampling, stops)
+    raws, _ = generate_raw(model, tokenizer, texts, max_new_tokens, batch_size, sampling=sampling, stop=stops)
     return [finish_answer(r, stops) for r in raws]
 
 
@@ -167,7 +180,7 @@ def main(argv=None):
                                 a.tensor_parallel_size)
     else:
         model = load_model(a.model, dtype=dtype, device=device).eval()
-        raws = [generate_raw(model, tokenizer, texts, a.max_new_tokens, a.batch_size, s, stops,
+        raws = [generate_raw(model, tokenizer, texts, a.max_new_tokens, a.batch_size, sampling=s, stop=stops,
                              desc="generate" if a.samples == 1 else f"generate sample {k + 1}/{a.samples}")[0]
                 for k, s in enumerate(settings)]
     out = answer_rows(rows, dropped, raws, stops)

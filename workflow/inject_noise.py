@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from workflow.files import read_jsonl, write_json, write_jsonl
+from workflow.lib.files import read_jsonl, write_json, write_jsonl
 
 
 def flip_pairs(records: list[dict], rate: float, seed: int) -> list[dict]:

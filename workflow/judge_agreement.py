@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from pathlib import Path
 
 import pandas as pd
 
-from workflow.files import read_jsonl
+from workflow.lib.files import atomic_path
+from workflow.lib.results import load_judgements
 
 COLUMNS = ["benchmark", "judge_a", "judge_b", "n", "n_unparseable", "agreement", "kappa",
            "unsafe_rate_a", "unsafe_rate_b"]
@@ -61,18 +61,11 @@ def agreement_table(labels: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_labels(paths: list[str]) -> pd.DataFrame:
-    """Label files results/judgements/{judge}/{model...}/{benchmark}.jsonl as one frame."""
-    frames = []
-    for path in paths:
-        p = Path(path)
-        parts = p.parts[p.parts.index("judgements") + 1:]
-        judge, model, bench = parts[0], "/".join(parts[1:-1]), p.stem
-        rows = read_jsonl(path)
-        frames.append(pd.DataFrame({"judge": judge, "model": model, "benchmark": bench,
-                                    "id": [r["id"] for r in rows], "label": [r["label"] for r in rows],
-                                    # sampled answers of one prompt (evaluation.samples) are different answers
-                                    "sample": [r.get("sample", 0) for r in rows]}))
-    return pd.concat(frames, ignore_index=True)
+    """Label files (each with its summary beside it) as one frame: judge, model, benchmark, id, sample, label. The
+    model is named by the summary's tags (method, noise, seed), as in the report's tables."""
+    data = load_judgements(paths)
+    model = data["method"].astype(str) + "/" + data["noise"].astype(str) + "/" + data["seed"].astype(str)
+    return data.assign(model=model)[["judge", "model", "benchmark", "id", "sample", "label"]]
 
 
 def main(argv=None):
@@ -84,8 +77,8 @@ def main(argv=None):
     if labels.judge.nunique() < 2:
         raise SystemExit(f"judge agreement needs two judges or more; got {sorted(labels.judge.unique())}")
     table = agreement_table(labels)
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(a.output, index=False)
+    with atomic_path(a.output) as tmp:
+        table.to_csv(tmp, index=False)
     print(json.dumps(table.to_dict(orient="records"), default=str))
 
 

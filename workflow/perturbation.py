@@ -4,7 +4,7 @@
         --presets-json '{"shapo": {...}, "dpo": {...}}' --inert-effective-fraction 1e-3 --inert-cosine-gap 1e-6 \
         --table results/tables/perturbation.csv --markdown results/tables/perturbation.md
 
-Every sharpness-aware step logs its diagnostics (``workflow.train_step.SHARPNESS_COLUMNS``): the move
+Every sharpness-aware step logs its diagnostics (``workflow.lib.train_step.SHARPNESS_COLUMNS``): the move
 ‖δ‖, the fraction of moved weights whose value changed in the compute precision, ΔL = L(θ+δ) − L(θ),
 and the cosine between the gradients at θ and at θ+δ. Pooled over the method's noise rates, seeds and
 sharpness-aware steps, a method is **inert** when the median changed fraction is below
@@ -25,9 +25,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from workflow.config import fill_defaults, schema_default
-from workflow.files import atomic_path, read_train_logs, write_text
-from workflow.stats import markdown
+from workflow.lib.config import fill_defaults, schema_default
+from workflow.lib.display import markdown, perturbation_display
+from workflow.lib.files import atomic_path, read_train_logs, write_text
 
 NEEDED = ["step", "loss", "loss_perturbed", "sharpness_step", "move_norm", "move_relative", "effective_fraction",
           "grad_cosine", "grad_norm_change"]
@@ -117,16 +117,6 @@ def summarise(logs: pd.DataFrame, presets: dict, methods: list[str], max_fractio
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def display(table: pd.DataFrame) -> pd.DataFrame:
-    """The summary as shown in the report and perturbation.md (numbers to 3 significant digits, no sentences)."""
-    # the cosine itself reads "1" at 3 digits whatever it is: 1 − cos carries it
-    shown = table.drop(columns=["statement", "grad_cosine"]).astype(object)
-    for col in ["move_norm", "move_relative", "effective_fraction", "effective_fraction_max", "cosine_gap",
-                "grad_norm_change", "delta_loss", "delta_loss_abs_max"]:
-        shown[col] = table[col].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-    return shown.rename(columns={"cosine_gap": "1 − cos", "delta_loss": "ΔL", "delta_loss_abs_max": "max abs ΔL"})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-logs", nargs="+", required=True, help="<method>/noise<ε>/seed<s>.train_log.tsv files")
@@ -148,7 +138,7 @@ def main(argv=None):
     table = summarise(logs, presets, methods, a.inert_effective_fraction, a.inert_cosine_gap)
     with atomic_path(a.table) as tmp:
         table.to_csv(tmp, index=False)
-    text = markdown(display(table)) + "\n" + "\n\n".join(table.statement) + "\n"
+    text = markdown(perturbation_display(table)) + "\n" + "\n\n".join(table.statement) + "\n"
     write_text(a.markdown, text)
     print(text)
 

@@ -19,11 +19,11 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from workflow.files import atomic_path, read_jsonl, write_tsv
+from workflow.lib.files import atomic_path, read_jsonl, write_tsv
 
 
 def soft_labels(reward_diff: np.ndarray, beta_r: float) -> np.ndarray:
-    """p = σ(β_r·d) (numpy twin of ``workflow.losses.soft_labels``, so this stage needs no torch)."""
+    """p = σ(β_r·d) (numpy twin of ``workflow.lib.losses.soft_labels``, so this stage needs no torch)."""
     return 1.0 / (1.0 + np.exp(-beta_r * np.asarray(reward_diff, dtype=float)))
 
 

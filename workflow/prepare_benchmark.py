@@ -11,7 +11,7 @@ A benchmark is either read from a source (a local CSV/JSON/JSONL/parquet file or
 or a workflow output under ``results/``) with a prompt column, an optional category column, an
 optional context column (HarmBench contextual behaviours: the context string is put before the
 behaviour as HarmBench does) and an optional row filter; or it is another benchmark's prompts
-wrapped in jailbreak templates (``jailbreak:``, see ``workflow/wrap_jailbreaks.py``; pass the base
+wrapped in jailbreak templates (``jailbreak:``, see ``workflow/lib/wrap_jailbreaks.py``; pass the base
 benchmark's ``all.jsonl`` with ``--base-prompts``).
 
 ``all.jsonl`` holds every prompt once (a prompt repeated in the source, after stripping and the context
@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from workflow.config import fill_defaults
-from workflow.files import read_jsonl, write_jsonl
-from workflow.sources import SourceError, load_rows, require_columns
-from workflow.wrap_jailbreaks import wrap_prompts
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import read_jsonl, write_jsonl
+from workflow.lib.sources import SourceError, load_rows, require_columns
+from workflow.lib.wrap_jailbreaks import wrap_prompts
 
 # HarmBench joins a contextual behaviour's context and request like this (baselines' direct request).
 CONTEXT_SEPARATOR = "\n\n---\n\n"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from workflow.files import atomic_dir, write_json
-from workflow.models import PROVENANCE, load_source_model, mlp_output_projections
+from workflow.lib.files import atomic_dir, write_json
+from workflow.lib.models import PROVENANCE, load_source_model, mlp_output_projections
 
 
 def main(argv=None):

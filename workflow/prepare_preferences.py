@@ -17,9 +17,9 @@ import json
 import random
 import re
 
-from workflow.config import fill_defaults, schema_default
-from workflow.files import write_json, write_jsonl
-from workflow.sources import SourceError, load_rows, require_columns
+from workflow.lib.config import fill_defaults, schema_default
+from workflow.lib.files import write_json, write_jsonl
+from workflow.lib.sources import SourceError, load_rows, require_columns
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _ROLE = {"Human": "user", "Assistant": "assistant"}

@@ -34,10 +34,12 @@ import re
 
 import pandas as pd
 
-from workflow.config import check_probe_data, fill_defaults
-from workflow.decontamination import SAFE, UNSAFE, assert_disjoint, decontaminate, normalise
-from workflow.files import read_jsonl, write_jsonl, write_tsv
-from workflow.sources import SourceError, load_rows, require_columns
+from workflow.lib.checks import check_probe_data
+from workflow.lib.config import fill_defaults
+from workflow.lib.decontamination import SAFE, UNSAFE, assert_disjoint, decontaminate, normalise
+from workflow.lib.files import read_jsonl, write_jsonl, write_tsv
+from workflow.lib.sources import SourceError, load_rows, require_columns
+
 
 def load_texts(source: dict, column: str, what: str) -> list[str]:
     rows = load_rows(source, what=what)

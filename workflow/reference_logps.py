@@ -14,29 +14,10 @@ import json
 
 import torch
 
-from workflow.config import fill_defaults
-from workflow.files import read_jsonl, write_jsonl
-from workflow.models import load_model, load_tokenizer, placement
-from workflow.pairs import collate_pairs, encode_response_pair, sequence_logps, text_key
-from workflow.progress import progress
-
-
-@torch.no_grad()
-def score_pairs(model, tokenizer, records: list[dict], settings: dict, desc: str = "reference log-probs") -> list[dict]:
-    """Summed answer log-probs of both answers of every pair, tokenised as in training (``settings``:
-    the training section plus ``prompt_format``); ``desc`` labels the progress lines."""
-    out = []
-    bs = settings["batch_size"]
-    starts = range(0, len(records), bs)
-    for i in progress(starts, total=len(starts), desc=desc, unit="batch"):
-        chunk = records[i:i + bs]
-        enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
-                                    settings["prompt_format"]) for r in chunk]
-        logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).float().tolist()
-        for j, r in enumerate(chunk):
-            out.append({"pair_id": r["pair_id"], "truncated": enc[j]["truncated"],
-                        "logps": {text_key(r["chosen"]): logps[j], text_key(r["rejected"]): logps[len(chunk) + j]}})
-    return out
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import read_jsonl, write_jsonl
+from workflow.lib.models import load_model, load_tokenizer, placement
+from workflow.lib.pairs import score_pairs
 
 
 def main(argv=None):

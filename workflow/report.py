@@ -26,12 +26,21 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from workflow.config import fill_defaults
-from workflow.files import read_json, write_text
-from workflow.perturbation import display as perturbation_display
-from workflow.provenance import source_files
-from workflow.stats import (RULE_BASED, comparisons_display, fmt_noise, main_table_wide, main_table_with_preferences,
-                            markdown, preference_comparisons_display, preference_display, rates_sentence)
+from workflow.lib.config import fill_defaults
+from workflow.lib.display import (
+    comparisons_display,
+    fmt_noise,
+    main_table_wide,
+    main_table_with_preferences,
+    markdown,
+    perturbation_display,
+    preference_comparisons_display,
+    preference_display,
+    rates_sentence,
+)
+from workflow.lib.files import read_json, write_text
+from workflow.lib.provenance import source_files
+from workflow.lib.results import RULE_BASED
 
 PACKAGES = ["torch", "transformers", "accelerate", "safetensors", "datasets", "gguf", "numpy", "pandas", "scipy",
             "statsmodels", "scikit-learn", "matplotlib", "snakemake"]

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from workflow.config import fill_defaults, schema_default
-from workflow.files import read_jsonl, write_json, write_jsonl
-from workflow.models import format_prompt, load_model, load_tokenizer, placement
-from workflow.pairs import collate_pairs, encode_response_pair, text_key
-from workflow.progress import progress
+from workflow.lib.config import fill_defaults, schema_default
+from workflow.lib.files import read_jsonl, write_json, write_jsonl
+from workflow.lib.models import format_prompt, load_model, load_tokenizer, placement
+from workflow.lib.pairs import collate_pairs, encode_response_pair, text_key
+from workflow.lib.progress import progress
 
 
 @torch.no_grad()
@@ -171,7 +171,7 @@ class RewardScorer:
     """r(x, y) for chosen and rejected answers of the training and held-out pairs, by the configured kind.
 
     ``spec``: the reward_model section, ``settings``: the training section plus prompt_format, both with
-    defaults filled (``workflow.config.fill_defaults``)."""
+    defaults filled (``workflow.lib.config.fill_defaults``)."""
 
     def __init__(self, spec: dict, settings: dict, model_dir: str | None, classifier_dir: str | None = None):
         self.spec, self.settings = spec, settings

@@ -11,7 +11,7 @@ Files of one benchmark (``results/data/benchmarks/<name>/``):
   What the probe data are de-duplicated against when the benchmark is listed in
   ``probe.decontaminate_against``.
 - ``sample.jsonl`` (here): the seeded sample of ``n`` prompts (0 = all) drawn from ``all.jsonl``
-  minus every prompt the probe data used (``workflow.decontamination.probe_overlap``: a probe row's
+  minus every prompt the probe data used (``workflow.lib.decontamination.probe_overlap``: a probe row's
   prompt or text, compared in normalised form; for a jailbreak-wrapped prompt, also the prompt inside
   the template). This is what every model answers and every judge scores, so no prompt the probe was
   trained on is ever scored, whenever the benchmark was added.
@@ -32,10 +32,10 @@ import json
 import random
 from pathlib import Path
 
-from workflow.config import schema_default
-from workflow.decontamination import probe_overlap
-from workflow.files import read_jsonl, write_json, write_jsonl
-from workflow.sources import SourceError
+from workflow.lib.config import schema_default
+from workflow.lib.decontamination import probe_overlap
+from workflow.lib.files import read_jsonl, write_json, write_jsonl
+from workflow.lib.sources import SourceError
 
 SHOWN = 5  # removed prompts quoted in the log and the error
 

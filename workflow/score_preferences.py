@@ -26,8 +26,8 @@ import json
 
 import numpy as np
 
-from workflow.files import read_jsonl, write_json, write_jsonl
-from workflow.pairs import text_key
+from workflow.lib.files import read_jsonl, write_json, write_jsonl
+from workflow.lib.pairs import text_key
 
 
 def pair_logps(rows: list[dict], records: list[dict], path: str) -> np.ndarray:
@@ -67,8 +67,8 @@ def summarise(margin: np.ndarray) -> dict:
 
 def score_model(model_dir: str, records: list[dict], settings: dict) -> list[dict]:
     """reference_logps-style rows (pair id, both answers' summed log-probs) of the model in ``model_dir``."""
-    from workflow.models import load_model, load_tokenizer, placement
-    from workflow.reference_logps import score_pairs
+    from workflow.lib.models import load_model, load_tokenizer, placement
+    from workflow.lib.pairs import score_pairs
 
     device, dtype = placement(settings["precision"])
     model = load_model(model_dir, dtype=dtype, device=device).eval()
@@ -99,7 +99,7 @@ def main(argv=None):
     if a.model:
         import torch
 
-        from workflow.config import fill_defaults
+        from workflow.lib.config import fill_defaults
 
         if a.threads:
             torch.set_num_threads(a.threads)

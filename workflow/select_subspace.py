@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from workflow.config import schema_default
-from workflow.files import atomic_path, write_tsv
-from workflow.models import load_model, mlp_output_projections, split_by_layer
+from workflow.lib.config import schema_default
+from workflow.lib.files import atomic_path, write_tsv
+from workflow.lib.models import load_model, mlp_output_projections, split_by_layer
 
 RANKINGS = ("negative", "positive", "absolute")
 

@@ -8,7 +8,7 @@
 The loss (``sft.loss``) is the negative log-likelihood of the answer tokens (prompt tokens are context
 only): ``token_mean``, the mean over all answer tokens of the batch, or ``sequence_sum``, each answer's
 summed token NLL averaged over the batch's sequences (the official SFT). Prompts are formatted and
-truncated exactly as in preference training (``workflow.pairs.encode_response_pair``), so the SFT
+truncated exactly as in preference training (``workflow.lib.pairs.encode_response_pair``), so the SFT
 model has seen the same template that DPO later scores. The pairs are the clean ones (before label
 noise), so one SFT model serves every noise rate and seed; ``sft.examples`` takes every pair's chosen
 answer or one per distinct prompt (the official SFT). Weights and optimizer state are fp32; with
@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.config import fill_defaults
-from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.models import PROVENANCE, load_model, load_tokenizer
-from workflow.optim import make_optimizer
-from workflow.pairs import encode_response_pair
-from workflow.parallel import DataParallel
-from workflow.progress import progress
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import atomic_dir, read_jsonl, write_json, write_tsv
+from workflow.lib.models import PROVENANCE, load_model, load_tokenizer
+from workflow.lib.optim import make_optimizer
+from workflow.lib.pairs import encode_response_pair
+from workflow.lib.parallel import DataParallel
+from workflow.lib.progress import progress
 
 LOG_COLUMNS = ["step", "epoch", "loss", "sequences", "tokens", "grad_norm", "lr", "seconds"]
 

@@ -15,8 +15,8 @@ move changed anything (``train_step.SHARPNESS_COLUMNS``). A method with ``reward
 reward-level: each pair's label is the soft label p = σ(β_r·(r_chosen − r_rejected)) from
 ``--rewards`` (workflow.reward_model) and the loss the cross-entropy between p and σ(β·h).
 Checkpoints every ``checkpoint_every`` steps let a killed job resume.
-The JSON settings are config slices; keys left out take the schema's defaults (``workflow.config``).
-One optimizer step is ``workflow.train_step.train_step``; this module is the loop around it.
+The JSON settings are config slices; keys left out take the schema's defaults (``workflow.lib.config``).
+One optimizer step is ``workflow.lib.train_step.train_step``; this module is the loop around it.
 
 Runs on a GPU when one is visible (``precision: auto`` = bf16 autocast there, fp32 on CPU). Under
 ``torchrun --nproc_per_node N`` (the rule does this for ``training.devices: N``) it trains data-parallel
@@ -26,7 +26,7 @@ the same amount, and the result equals a one-process run on the whole batch (Dr.
 ``losses.data_parallel_reduction``). Only process 0 writes checkpoints and outputs.
 
 With ``training.parallel: fsdp`` the processes shard the model instead of copying it (FSDP2, see
-``workflow.parallel``): each holds some rows of every weight, gradient and optimizer state, the ShaPO
+``workflow.lib.parallel``): each holds some rows of every weight, gradient and optimizer state, the ShaPO
 move is applied to each process's rows of the selected columns, checkpoints are sharded
 (``checkpoint.ShardedCheckpointer``), and the final weights are gathered once to process 0, which
 writes the same safetensors folder as above. The batches, reductions and results are the same.
@@ -46,18 +46,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.checkpoint import Checkpointer, file_digest, fingerprint, make_checkpointer
-from workflow.config import fill_defaults
-from workflow.files import atomic_dir, read_jsonl, write_json, write_tsv
-from workflow.losses import soft_labels
-from workflow.models import PROVENANCE, load_model, load_tokenizer
-from workflow.optim import make_optimizer
-from workflow.pairs import collate_pairs, encode_response_pair, text_key
-from workflow.parallel import DataParallel, FullyShardedParallel, make_parallel
-from workflow.progress import progress
-from workflow.sharpness import matched_reference, perturbed_set
-from workflow.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
-
+from workflow.lib.checkpoint import Checkpointer, file_digest, fingerprint, make_checkpointer
+from workflow.lib.checks import check_preset, check_training
+from workflow.lib.config import fill_defaults
+from workflow.lib.files import atomic_dir, read_jsonl, write_json, write_tsv
+from workflow.lib.losses import soft_labels
+from workflow.lib.models import PROVENANCE, load_model, load_tokenizer
+from workflow.lib.optim import make_optimizer
+from workflow.lib.pairs import collate_pairs, encode_response_pair, text_key
+from workflow.lib.parallel import DataParallel, FullyShardedParallel, make_parallel
+from workflow.lib.presets import uses_reward
+from workflow.lib.progress import progress
+from workflow.lib.sharpness import matched_reference, perturbed_set
+from workflow.lib.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -156,12 +157,12 @@ class StepReport:
             self.writer.close()
 
 
-def train(model, tokenizer, records, method, settings, seed, selected=None, checkpointer: Checkpointer | None = None,
-          parallel: DataParallel | FullyShardedParallel | None = None, tensorboard_dir: str | None = None,
-          matched_to=None):
+def train(model, tokenizer, records: list[dict], method: dict, settings: dict, seed: int, *, selected=None,
+          matched_to=None, checkpointer: Checkpointer | None = None,
+          parallel: DataParallel | FullyShardedParallel | None = None, tensorboard_dir: str | None = None):
     """Run the training loop; returns the per-step log as a list of dicts.
 
-    ``settings`` is the validated ``training`` section (``workflow.config.fill_defaults``). With a
+    ``settings`` is the validated ``training`` section (``workflow.lib.config.fill_defaults``). With a
     ``checkpointer`` the loop saves every few steps and first resumes from a matching checkpoint,
     restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
     same weights as an uninterrupted one. ``parallel`` places (or shards) the model and splits each
@@ -197,7 +198,8 @@ def train(model, tokenizer, records, method, settings, seed, selected=None, chec
     resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
     if resumed:
         log, step, first_epoch, order = resumed["log"], resumed["step"], resumed["epoch"], np.array(resumed["order"])
-        print(json.dumps({"resumed_at_step": step, "of": total}), flush=True)
+        if parallel.main:  # one line per run, not per process (two processes' lines would interleave)
+            print(json.dumps({"resumed_at_step": step, "of": total}), flush=True)
     report = StepReport(total, step, parallel.main, tensorboard_dir)
     model.train()
     for epoch in range(first_epoch, settings["epochs"]):
@@ -244,25 +246,29 @@ def main(argv=None):
     a = p.parse_args(argv)
     method = fill_defaults(json.loads(a.method_json), "presets/*")
     settings = fill_defaults(json.loads(a.training_json), "training") | {"prompt_format": a.prompt_format}
+    check_preset("<--method-json>", method)  # the checks of the config, for a job run by hand
+    check_training(settings)
     if a.threads:  # the job's threads (per node), shared by the training processes on this node
         torch.set_num_threads(max(1, a.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(a.seed)
 
+    parallel = make_parallel(settings)  # first: only its main process prints what every process would repeat
+    if parallel.main:
+        print(json.dumps({"parallel": settings["parallel"], "processes": parallel.world,
+                          "device": str(parallel.device), "bf16": parallel.bf16}), flush=True)
     records = read_jsonl(a.pairs)
     attach_reference(records, read_jsonl(a.reference), a.reference)
-    if "reward_labels" in method:
+    if uses_reward(method):
         if not a.rewards:
             raise ValueError("a reward-level method (reward_labels) needs the reward model's scores (--rewards)")
         attach_soft_labels(records, read_jsonl(a.rewards), method["reward_labels"]["beta_r"], a.rewards)
         flipped = np.array([bool(r.get("flipped", False)) for r in records])
         p = np.array([r["soft_label"] for r in records])
-        print(json.dumps({"soft_label_mean_clean": float(p[~flipped].mean()) if (~flipped).any() else None,
-                          "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
-                          "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
-              flush=True)
-    if settings.get("lora") and settings["parallel"] == "fsdp":
-        raise ValueError("training.lora: not supported with training.parallel fsdp (LoRA trains a model that fits"
-                         " one GPU: use parallel ddp; fsdp is for full fine-tuning)")
+        if parallel.main:
+            print(json.dumps({"soft_label_mean_clean": float(p[~flipped].mean()) if (~flipped).any() else None,
+                              "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
+                              "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
+                  flush=True)
     model = load_model(a.model)
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     matched_to = matched_reference(model, method["sharpness"], a.subspace) if method.get("sharpness") else None
@@ -273,14 +279,10 @@ def main(argv=None):
     # invalidate a checkpoint
     kept = {k: v for k, v in settings.items() if k not in ("checkpoint_every", "report_to", "save_dtype")}
     key = fingerprint(method, kept, a.seed, inputs, str(Path(a.model).resolve()))
-    parallel = make_parallel(settings)
-    if parallel.main:
-        print(json.dumps({"parallel": settings["parallel"], "processes": parallel.world,
-                          "device": str(parallel.device), "bf16": parallel.bf16}), flush=True)
     checkpointer = make_checkpointer(a.checkpoint or f"{a.output.rstrip('/')}.checkpoint", settings["checkpoint_every"],
                                      key, parallel)
-    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected, checkpointer, parallel,
-                a.tensorboard, matched_to)
+    log = train(model, load_tokenizer(a.model), records, method, settings, a.seed, selected=selected,
+                matched_to=matched_to, checkpointer=checkpointer, parallel=parallel, tensorboard_dir=a.tensorboard)
     weights = parallel.full_state_dict(model)  # fsdp: gathered to process 0 (a collective); ddp: None
     parallel.close()
     if not parallel.main:  # process 0 holds (or has gathered) the whole model and writes it

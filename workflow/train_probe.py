@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from workflow.config import ConfigError, fill_defaults
-from workflow.files import atomic_path, read_jsonl, write_json
-from workflow.models import load_model, load_tokenizer, placement
-from workflow.decontamination import SAFE, UNSAFE, assert_disjoint
-from workflow.progress import progress
+from workflow.lib.config import ConfigError, fill_defaults
+from workflow.lib.decontamination import SAFE, UNSAFE, assert_disjoint
+from workflow.lib.files import atomic_path, read_jsonl, write_json
+from workflow.lib.models import load_model, load_tokenizer, placement
+from workflow.lib.progress import progress
 
 FITS = ("logistic", "linear_head")
 

@@ -2,7 +2,7 @@
 sharpness-aware pass of ShaPO and its controls, and the step's log row.
 
 ``train_step`` is the place a new method touches: the loss and reduction come from the preset
-(``workflow.losses``), the sharpness-aware pass from its ``sharpness`` block (``workflow.sharpness``),
+(``workflow.lib.losses``), the sharpness-aware pass from its ``sharpness`` block (``workflow.lib.sharpness``),
 and everything else (resume, checkpoints, data parallelism, logging) stays in the training loop of
 ``workflow.train_policy``.
 """
@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workflow.losses import PairLogps, data_parallel_reduction, pair_losses, reduce_losses
-from workflow.pairs import answer_token_counts, sequence_logps
-from workflow.parallel import DataParallel
-from workflow.sharpness import (SelectedNeurons, gradient_change, measure_move, perturb_selected, restore_selected,
-                                 step_size)
+from workflow.lib.losses import PairLogps, data_parallel_reduction, pair_losses, reduce_losses
+from workflow.lib.pairs import answer_token_counts, sequence_logps
+from workflow.lib.parallel import DataParallel
+from workflow.lib.sharpness import (
+    SelectedNeurons,
+    gradient_change,
+    measure_move,
+    perturb_selected,
+    restore_selected,
+    step_size,
+)
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import random
 
-from workflow.config import fill_defaults
-from workflow.sources import SourceError, require_columns
+from workflow.lib.config import fill_defaults
+from workflow.lib.sources import SourceError, require_columns
 
 
 def usable_templates(rows: list[dict], column: str, placeholder: str, what: str) -> list[tuple[int, str]]:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
-from workflow.progress import progress
+from workflow.lib.progress import progress
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def fit_prompt(tokenizer, content: str, render: Callable[[str], str], budget: in
 
 
 @torch.no_grad()
-def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int,
+def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, *,
                  sampling: Sampling = Sampling(), stop: Sequence[str] = (), desc: str = "generate",
                  add_special_tokens: bool = False) -> tuple[list[str], list[int]]:
     """Raw continuations of already formatted ``texts`` (decoded, special tokens dropped, not cut or
@@ -133,10 +133,10 @@ def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_
     ``stop`` strings; a batch ends when every sequence has. Sampling is seeded once per call, so a
     rerun with the same batch size reproduces the answers. ``add_special_tokens`` is False for texts a
     chat template formatted (the template writes its own BOS); a judge whose input lacks the BOS sets it
-    True (``workflow.safety_judges.bos_flag``) so that the tokenizer adds it.
+    True (``workflow.lib.safety_judges.bos_flag``) so that the tokenizer adds it.
     """
     if tokenizer.padding_side != "left":
-        raise ValueError("generate_texts needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))")
+        raise ValueError("generate_raw needs a left-padding tokenizer (load_tokenizer(..., padding_side='left'))")
     lengths = [len(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     raws, counts = [""] * len(texts), [0] * len(texts)
@@ -152,8 +152,6 @@ def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens)
         enc = enc.to(model.device)
-        # Speed options measured for issue 13 (attention implementation, static KV cache, torch.compile)
-        # would enter here as generate() arguments; see docs/generation.md, "Speed".
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              **stopping, **sampling.generate_kwargs())
         for i, seq in zip(idx, out[:, enc["input_ids"].shape[1]:].tolist()):
@@ -162,11 +160,11 @@ def generate_raw(model, tokenizer, texts: list[str], max_new_tokens: int, batch_
     return raws, counts
 
 
-def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int,
-                   sampling: Sampling = Sampling(), desc: str = "generate", stop: Sequence[str] = (),
+def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int, *,
+                   sampling: Sampling = Sampling(), stop: Sequence[str] = (), desc: str = "generate",
                    add_special_tokens: bool = False) -> tuple[list[str], list[int]]:
     """Continuations of already formatted ``texts`` in input order, cut at the first ``stop`` string and
     stripped (``finish_answer``), and their token counts. See ``generate_raw``."""
-    raws, counts = generate_raw(model, tokenizer, texts, max_new_tokens, batch_size, sampling, stop, desc,
-                                add_special_tokens)
+    raws, counts = generate_raw(model, tokenizer, texts, max_new_tokens, batch_size, sampling=sampling, stop=stop,
+                                desc=desc, add_special_tokens=add_special_tokens)
     return [finish_answer(r, stop) for r in raws], counts

@@ -11,7 +11,7 @@ reduction is the identity, so the loop is the plain one-process loop.
 the root. Every weight, its gradient and its optimizer state are split along dim 0 over the processes;
 a layer's weights are all-gathered only for its forward and backward. Plain ``torch.distributed``
 (accelerate is not needed: it would only forward to ``fully_shard``). Both classes have the same
-interface, so ``workflow.train_step`` does not branch on the engine.
+interface, so ``workflow.lib.train_step`` does not branch on the engine.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from workflow.models import placement
+from workflow.lib.models import placement
 
 ENGINES = ("ddp", "fsdp")
 

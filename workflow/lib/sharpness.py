@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, safe_open
 
-from workflow.models import mlp_output_projections, split_by_layer
+from workflow.lib.models import mlp_output_projections, split_by_layer
 
 
 @dataclass

@@ -8,7 +8,8 @@ import hashlib
 
 import torch
 
-from workflow.models import format_prompt
+from workflow.lib.models import format_prompt
+from workflow.lib.progress import progress
 
 
 def text_key(text: str) -> str:
@@ -77,3 +78,21 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = input_ids[:, 1:][mask]
     token_logps = picked.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     return torch.zeros(len(input_ids), dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, records: list[dict], settings: dict, desc: str = "reference log-probs") -> list[dict]:
+    """Summed answer log-probs of both answers of every pair, tokenised as in training (``settings``:
+    the training section plus ``prompt_format``); ``desc`` labels the progress lines."""
+    out = []
+    bs = settings["batch_size"]
+    starts = range(0, len(records), bs)
+    for i in progress(starts, total=len(starts), desc=desc, unit="batch"):
+        chunk = records[i:i + bs]
+        enc = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
+                                    settings["prompt_format"]) for r in chunk]
+        logps = sequence_logps(model, collate_pairs(enc, tokenizer.pad_token_id)).float().tolist()
+        for j, r in enumerate(chunk):
+            out.append({"pair_id": r["pair_id"], "truncated": enc[j]["truncated"],
+                        "logps": {text_key(r["chosen"]): logps[j], text_key(r["rejected"]): logps[len(chunk) + j]}})
+    return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from workflow.sources import SourceError
+from workflow.lib.sources import SourceError
 
 UNSAFE, SAFE = 1, 0  # the labels of the probe data (results/probe/data.jsonl), read by probe_data and train_probe
 

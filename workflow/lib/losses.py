@@ -138,7 +138,7 @@ def _ipo(logps: PairLogps, preset: dict) -> torch.Tensor:
 def simpo_margin(preset: dict) -> float:
     """SimPO's γ: ``simpo_margin`` (absolute, as in the SimPO paper and TRL's ``simpo_gamma``) or
     ``simpo_gamma_ratio``·β (the official ShaPO code's ``simpo_gamma_beta_ratio``); exactly one is set
-    (workflow.config.check_presets)."""
+    (workflow.lib.checks.check_presets)."""
     if "simpo_gamma_ratio" in preset:
         return preset["simpo_gamma_ratio"] * preset["beta"]
     if "simpo_margin" in preset:
@@ -153,15 +153,13 @@ def _simpo(logps: PairLogps, preset: dict) -> torch.Tensor:
 
 
 def pair_losses(method: dict, logps: PairLogps) -> torch.Tensor:
-    """Per-pair loss [B] of a method preset (validated, schema defaults filled: ``workflow.config.fill_defaults``).
+    """Per-pair loss [B] of a method preset (validated, schema defaults filled: ``workflow.lib.config.fill_defaults``).
 
     A preset with ``reward_labels`` is reward-level: the DPO loss's hard label 1 is replaced by
     the pair's soft label p from a reward model (``logps.soft_labels``).
     """
     kind = method["loss"]
-    if "reward_labels" in method:
-        if kind != "dpo":
-            raise ValueError(f"reward_labels replace the DPO label; a reward-level preset needs loss dpo, not {kind!r}")
+    if "reward_labels" in method:  # loss dpo (workflow.lib.checks.check_preset)
         if logps.soft_labels is None:
             raise ValueError("a reward-level preset (reward_labels) needs soft labels from the reward model")
         return soft_label_loss(preset_h(logps, method), method["beta"], logps.soft_labels)

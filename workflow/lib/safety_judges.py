@@ -368,8 +368,8 @@ def run_llm_judge(rows: list[dict], spec: dict, name: str) -> list[dict]:
     """Verdict of each row (prompt, answer, and the fields its type reads): label, judge_output (raw text),
     judge_categories, judge_score. ``spec`` is the judge's config entry; keys left out take the schema's
     defaults, ``max_new_tokens`` the type's."""
-    from workflow.config import fill_defaults
-    from workflow.textgen import generate_texts
+    from workflow.lib.config import fill_defaults
+    from workflow.lib.textgen import generate_texts
 
     spec = fill_defaults(spec, f"judges/{name}")
     check_fields(rows, spec["type"], f"judge {name}")

@@ -1,7 +1,7 @@
 """Atomic training checkpoints, so a killed ``train_policy`` job resumes where it stopped.
 
 A checkpoint is a folder: ``model.safetensors`` (weights), ``optimizer.pt`` (optimizer and
-scheduler state and the torch RNG: tensors and numbers only, read back with
+scheduler state and the torch RNGs, CPU and CUDA: tensors and numbers only, read back with
 ``weights_only=True``) and ``state.json`` (step, epoch, the epoch's batch order, the numpy and
 Python RNG states, the log so far, and a fingerprint of the job's inputs). It is written under
 ``<name>.tmp`` and renamed, so a job killed while saving keeps its previous checkpoint. A
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from workflow.files import atomic_dir, read_json, write_json
+from workflow.lib.files import atomic_dir, read_json, write_json
 
 
 def fingerprint(*parts) -> str:
@@ -40,12 +40,13 @@ def file_digest(path) -> str:
 
 class Checkpointer:
     """Saves every ``every`` steps into ``folder``; ``every = 0`` turns checkpointing off. Process 0
-    saves alone (every process holds the same weights)."""
+    saves alone (every process holds the same weights); ``main``: whether this is process 0, the one that
+    prints what every process would repeat."""
 
     collective = False  # whether every process calls save (ShardedCheckpointer)
 
-    def __init__(self, folder, every: int, key: str):
-        self.folder, self.every, self.key = Path(folder), every, key
+    def __init__(self, folder, every: int, key: str, main: bool = True):
+        self.folder, self.every, self.key, self.main = Path(folder), every, key, main
 
     def due(self, step: int, total: int) -> bool:
         return self.every > 0 and step % self.every == 0 and step < total
@@ -55,7 +56,7 @@ class Checkpointer:
         with atomic_dir(self.folder) as tmp:
             save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                        **torch_rng_states()}, tmp / "optimizer.pt")
             write_json(tmp / "state.json", {**state, "key": self.key, "numpy_rng": np_rng.bit_generator.state,
                                             "python_rng": py_rng.getstate()})
 
@@ -76,7 +77,8 @@ class Checkpointer:
             return None
         state = read_json(self.folder / "state.json")
         if state.get("key") != self.key:
-            print(f"ignoring checkpoint {self.folder}: it belongs to other inputs or settings", flush=True)
+            if self.main:
+                print(f"ignoring checkpoint {self.folder}: it belongs to other inputs or settings", flush=True)
             return None
         return state
 
@@ -84,10 +86,21 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def torch_rng_states() -> dict:
+    """The torch generators a resumed run must continue: the CPU one and, when CUDA is present, this process's
+    GPU's (tensors only, so ``torch.load(weights_only=True)`` reads them back). Every process of a run is seeded
+    alike and draws alike on its own GPU, so process 0's state is every process's."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
 def restore_rest(saved: dict, scheduler, state: dict, rngs: tuple[np.random.Generator, random.Random]) -> None:
     """Scheduler, torch RNG and the numpy / Python RNGs of a checkpoint."""
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    cuda = saved.get("cuda_rng")
+    if cuda is not None and cuda.numel() and torch.cuda.is_available():  # dropout on the GPU draws from it
+        torch.cuda.set_rng_state(cuda)
     np_rng, py_rng = rngs
     np_rng.bit_generator.state = state["numpy_rng"]
     version, internal, gauss = state["python_rng"]
@@ -104,7 +117,7 @@ class ShardedCheckpointer(Checkpointer):
     collective = True
 
     def __init__(self, folder, every: int, key: str, parallel):
-        super().__init__(folder, every, key)
+        super().__init__(folder, every, key, parallel.main)
         self.parallel = parallel
 
     def save(self, model, optimizer, scheduler, state: dict, rngs: tuple[np.random.Generator, random.Random]) -> None:
@@ -120,7 +133,7 @@ class ShardedCheckpointer(Checkpointer):
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "sharded"))
             self.parallel.barrier()  # every process's files are written before the folder is renamed
             if main:
-                torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                torch.save({"scheduler": scheduler.state_dict(), **torch_rng_states()}, tmp / "optimizer.pt")
                 write_json(tmp / "state.json", {**state, "key": self.key, "numpy_rng": np_rng.bit_generator.state,
                                                 "python_rng": py_rng.getstate(), "processes": self.parallel.world})
         self.parallel.barrier()  # nobody goes on (or is killed) believing in a checkpoint not yet in place
@@ -142,4 +155,6 @@ class ShardedCheckpointer(Checkpointer):
 
 def make_checkpointer(folder, every: int, key: str, parallel) -> Checkpointer:
     """The checkpointer of ``parallel``'s engine: sharded (DCP) under fsdp, else one file per part."""
-    return ShardedCheckpointer(folder, every, key, parallel) if parallel.sharded else Checkpointer(folder, every, key)
+    if parallel.sharded:
+        return ShardedCheckpointer(folder, every, key, parallel)
+    return Checkpointer(folder, every, key, parallel.main)
