@@ -231,8 +231,18 @@ def sharpness_run(reference_run, tmp_path_factory) -> tuple[Path, subprocess.Com
     return run.start_once(config, copy_of=reference_run[0]).result()
 
 
+# Fixtures that run the workflow (Snakemake, a cluster): a test taking one is in the slow tier, marked ``workflow``
+# (``pytest -m "not workflow"`` is the fast inner loop, docs/testing.md). Tests that start Snakemake, torchrun or
+# another heavy process without these fixtures carry ``@pytest.mark.workflow`` themselves.
+WORKFLOW_FIXTURES = {"workdir", "reference_run", "reference_build", "sharpness_run", "slurm_cluster"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that read the reference run go last, so that the ones that do not run while it is built."""
+    """Tests that run the workflow are marked ``workflow``; tests that read the reference run go last, so that
+    the ones that do not run while it is built."""
+    for item in items:
+        if WORKFLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.workflow)
     items.sort(key=lambda item: "reference_run" in item.fixturenames)
 
 
