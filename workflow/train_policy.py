@@ -51,7 +51,7 @@ from workflow.lib.checks import check_preset, check_training
 from workflow.lib.config import fill_defaults
 from workflow.lib.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.lib.losses import soft_labels
-from workflow.lib.models import PROVENANCE, load_model, load_tokenizer
+from workflow.lib.models import PROVENANCE, load_tokenizer
 from workflow.lib.optim import make_optimizer
 from workflow.lib.pairs import collate_pairs, encode_response_pair, text_key
 from workflow.lib.parallel import DataParallel, FullyShardedParallel, make_parallel
@@ -226,7 +226,7 @@ def main(argv=None):
                               "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
                               "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
                   flush=True)
-    model = load_model(a.model)
+    model = parallel.load_model(a.model)  # fsdp: process 0 alone reads the weights, sent out when wrapped
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     matched_to = matched_reference(model, method["sharpness"], a.subspace) if method.get("sharpness") else None
     if settings.get("lora"):
