@@ -281,7 +281,7 @@ def test_nodes_above_one_refuse_to_run_outside_slurm(tmp_path):
 
 def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     """config/paper.yaml with model.name_or_path set to the paper's largest backbone: full fine-tuning under
-    fsdp on training.devices GPUs per policy; reference log-probs, SFT and generation on one GPU each."""
+    fsdp on training.devices GPUs per policy and for SFT; reference log-probs and generation on one GPU each."""
     from test_paper_config import dry_run_paper, job_counts, shell_commands
 
     qwen = tmp_path / "qwen.yaml"
@@ -299,7 +299,10 @@ def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     for cmd in train_cmds:
         assert cmd.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.train_policy")
         assert '"parallel": "fsdp"' in cmd and '"lora"' not in cmd  # full fine-tuning, sharded
+    (sft_cmd,) = shell_commands(out, "sft")  # SFT too: 12 bytes per parameter do not fit one GPU for 7B
+    assert sft_cmd.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.sft")
+    assert '"parallel": "fsdp"' in sft_cmd and '"devices": 8' in sft_cmd
     gpus = {rule: {int(g) for g in re.findall(rf"rule {rule}:(?:(?!\nrule ).)*?resources:[^\n]*\bgpu=(\d+)", out, re.S)}
             for rule in ("train_policy", "reference_logps", "sft", "generate")}
-    assert gpus == {"train_policy": {8}, "reference_logps": {1}, "sft": {1}, "generate": {1}}, gpus
+    assert gpus == {"train_policy": {8}, "reference_logps": {1}, "sft": {8}, "generate": {1}}, gpus
     print(json.dumps({"jobs": counts, "gpus_per_job": {k: sorted(v) for k, v in gpus.items()}}))
