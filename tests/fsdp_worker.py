@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +108,21 @@ def run_variant(name: str, data: Path, parallel):
                 parallel=parallel)
     weights = parallel.full_state_dict(model)
     return log, (model.state_dict() if weights is None else weights)
+
+
+def kill_with_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and the workers it started (each in a session of its own, so not its process group)."""
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in workers:  # gone before the resumed run starts writing the same files
+        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
+            time.sleep(0.01)
 
 
 def main(argv=None):

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, run_snakemake, write_config
 from workflow.lib.config import fill_defaults
 from workflow.lib.files import write_jsonl
+from workflow.lib.loop import pairs_used
 from workflow.lib.losses import data_parallel_reduction, reduce_losses
 from workflow.lib.models import load_model, load_tokenizer
 from workflow.lib.parallel import DataParallel
 from workflow.lib.pairs import score_pairs
-from workflow.train_policy import attach_reference, pairs_used, train
+from workflow.train_policy import attach_reference, train
 
 TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
             "max_prompt_length": 24, "checkpoint_every": 2}

@@ -11,11 +11,9 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,7 +22,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake, write_config
-from fsdp_worker import SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, records, run_variant
+from fsdp_worker import (SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, kill_with_workers, records,
+                         run_variant)
 from workflow.lib.config import ConfigError, fill_defaults, validate_config
 from workflow.lib.jobs import srun_torchrun
 from workflow.lib.files import write_jsonl
@@ -104,26 +103,51 @@ def test_two_sharded_processes_end_with_the_weights_of_one(fsdp_data, tmp_path):
     print(json.dumps({"max_abs_weight_difference": worst, "sharded_run_seconds": round(sharded_seconds, 1)}))
 
 
+@pytest.mark.workflow
+def test_sharded_training_reads_the_weights_once_on_process_0_and_shards_them_unchanged(tmp_path):
+    """FullyShardedParallel.load_model + wrap (what train_policy and sft do under fsdp), 2 gloo processes: process 1
+    builds the model on the meta device, never maps the weights file and never holds the model whole (its peak
+    memory grows by its half, not by the model), and the sharded model holds exactly the weights, buffers and logits of the model every process used
+    to load (models.load_model)."""
+    from fsdp_load_worker import build_load_model, fixed_input
+
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    out.mkdir()
+    size = build_load_model(model_dir)
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests/fsdp_load_worker.py"), "--model", str(model_dir), "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["on_meta"] and ranks[1]["on_meta"]  # nobody builds a model with values
+    # process 0 alone holds the weights file (mapped, as transformers reads fp32 safetensors), until it sent them
+    assert ranks[0]["weights_mapped"] and not ranks[1]["weights_mapped"]
+    growth = [r["peak_rss_growth"] / size for r in ranks]
+    # process 0 read the whole model (and holds its half after sharding); process 1 holds its half and one
+    # broadcast weight at a time (the old path: the whole model, then its half)
+    assert growth[0] > 1.0 and growth[1] < 0.75, growth
+
+    old = load_model(model_dir)
+    loaded = torch.load(out / "loaded.pt")
+    state = old.state_dict()
+    assert loaded["weights"].keys() == state.keys()
+    assert all(torch.equal(loaded["weights"][k], state[k]) for k in state)
+    # the buffers computed at construction (rotary frequencies) survive the sharded model's allocation
+    buffers = dict(old.named_buffers())
+    assert buffers and loaded["buffers"].keys() == buffers.keys()
+    assert all(torch.equal(loaded["buffers"][k], v) for k, v in buffers.items())
+    with torch.no_grad():
+        logits = old(input_ids=fixed_input(old.config.vocab_size)).logits
+    assert torch.allclose(loaded["logits"], logits, rtol=0, atol=1e-5)
+    assert loaded["config"] == old.config.to_dict() and loaded["generation_config"] == old.generation_config.to_dict()
+    print(json.dumps({"model_mb": round(size / 1e6, 1),
+                      "peak_rss_growth_mb": [round(r["peak_rss_growth"] / 1e6, 1) for r in ranks]}))
+
+
 def cli_args(data, name, settings):
     return ["-m", "workflow.train_policy", "--model", str(data / "llama"), "--pairs", str(data / "pairs.jsonl"),
             "--reference", str(data / "reference.jsonl"), "--method-json", json.dumps(RESUME_METHOD),
             "--training-json", json.dumps(settings), "--prompt-format", "auto", "--seed", "3", "--threads", "2",
             "--output", str(data / name), "--train-log", str(data / f"{name}.tsv")]
-
-
-def kill_with_workers(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and the workers it started (each in a session of its own, so not its process group)."""
-    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in workers:  # gone before the resumed run starts writing the same files
-        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
-            time.sleep(0.01)
 
 
 RESUME_METHOD = {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 3, "subspace": "uniform",
@@ -257,7 +281,7 @@ def test_nodes_above_one_refuse_to_run_outside_slurm(tmp_path):
 
 def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     """config/paper.yaml with model.name_or_path set to the paper's largest backbone: full fine-tuning under
-    fsdp on training.devices GPUs per policy; reference log-probs, SFT and generation on one GPU each."""
+    fsdp on training.devices GPUs per policy and for SFT; reference log-probs and generation on one GPU each."""
     from test_paper_config import dry_run_paper, job_counts, shell_commands
 
     qwen = tmp_path / "qwen.yaml"
@@ -275,7 +299,10 @@ def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     for cmd in train_cmds:
         assert cmd.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.train_policy")
         assert '"parallel": "fsdp"' in cmd and '"lora"' not in cmd  # full fine-tuning, sharded
+    (sft_cmd,) = shell_commands(out, "sft")  # SFT too: 12 bytes per parameter do not fit one GPU for 7B
+    assert sft_cmd.startswith("python -m torch.distributed.run --standalone --nproc_per_node 8 -m workflow.sft")
+    assert '"parallel": "fsdp"' in sft_cmd and '"devices": 8' in sft_cmd
     gpus = {rule: {int(g) for g in re.findall(rf"rule {rule}:(?:(?!\nrule ).)*?resources:[^\n]*\bgpu=(\d+)", out, re.S)}
             for rule in ("train_policy", "reference_logps", "sft", "generate")}
-    assert gpus == {"train_policy": {8}, "reference_logps": {1}, "sft": {1}, "generate": {1}}, gpus
+    assert gpus == {"train_policy": {8}, "reference_logps": {1}, "sft": {8}, "generate": {1}}, gpus
     print(json.dumps({"jobs": counts, "gpus_per_job": {k: sorted(v) for k, v in gpus.items()}}))

@@ -1,8 +1,13 @@
-"""Optional SFT stage: the loss masks the prompt, and with sft.enabled the DAG trains policies from the SFT model."""
+"""Optional SFT stage: the loss masks the prompt, with sft.enabled the DAG trains policies from the SFT model, and
+under training.parallel fsdp SFT trains sharded like a policy (two processes = one, a killed run resumes)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +17,8 @@ from workflow.lib.config import fill_defaults
 from workflow.lib.files import read_jsonl
 from workflow.lib.models import load_model, load_tokenizer
 from workflow.lib.parallel import DataParallel
-from workflow.sft import answer_nll, collate_sft, encode_chosen, sft_examples, train_sft
+from workflow.lib.pairs import collate_pairs, encode_response_pair
+from workflow.sft import CHOSEN, answer_nll, sft_examples, train_sft
 
 TRAINING = fill_defaults({"max_length": 64, "max_prompt_length": 32, "max_grad_norm": 1e9}, "training")
 
@@ -27,10 +33,11 @@ def settings(precision="fp32"):
     return TRAINING | {"precision": precision, "prompt_format": "hh"}
 
 
-def test_collate_sft_scores_only_answer_tokens():
-    batch = collate_sft([{"prompt": [5, 6, 7], "answer": [8, 9]}, {"prompt": [5], "answer": [3]}], pad_id=0)
+def test_sft_batches_score_only_the_chosen_answer_tokens():
+    encoded = [{"prompt": [5, 6, 7], "chosen": [8, 9], "rejected": [4]}, {"prompt": [5], "chosen": [3], "rejected": [4]}]
+    batch = collate_pairs(encoded, pad_id=0, sides=CHOSEN)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 3, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 3, -100, -100, -100]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
@@ -90,13 +97,13 @@ def test_sequence_sum_loss_is_the_mean_of_summed_answer_nlls_and_accumulation_ke
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     recs = records()
-    enc = [encode_chosen(tok, r, 64, 32, "hh") for r in recs]
-    nll, tokens = answer_nll(model, collate_sft(enc, tok.pad_token_id), DataParallel("fp32"))
-    assert tokens.tolist() == [len(e["answer"]) for e in enc]
+    enc = [encode_response_pair(tok, r, 64, 32, "hh") for r in recs]
+    nll, tokens = answer_nll(model, collate_pairs(enc, tok.pad_token_id, CHOSEN), DataParallel("fp32"))
+    assert tokens.tolist() == [len(e["chosen"]) for e in enc]
     # by hand: log-softmax of each answer token given its prefix, one sequence at a time
     by_hand = []
     for e in enc:
-        ids = torch.tensor([e["prompt"] + e["answer"]])
+        ids = torch.tensor([e["prompt"] + e["chosen"]])
         logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
         targets = ids[0, 1:]
         by_hand.append(-logp[len(e["prompt"]) - 1:].gather(1, targets[len(e["prompt"]) - 1:, None]).sum())
@@ -135,3 +142,111 @@ def test_warmup_steps_replace_the_warmup_ratio():
         sched.step()
         lrs.append(sched.get_last_lr()[0])
     assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
+
+
+def test_sft_batch_and_accumulation_must_split_over_the_devices(tiny_model_dir):
+    from workflow.lib.config import ConfigError, validate_config
+    from workflow.lib.jobs import rule_resources, srun_torchrun, training_launcher
+
+    config = tiny_config(tiny_model_dir)
+    config["sft"] = {"enabled": True, "batch_size": 2}
+    config["training"].update(parallel="fsdp", devices=4)
+    with pytest.raises(ConfigError, match=r"config key sft.batch_size: 2 sequences cannot be split over training.dev"):
+        validate_config(config)
+    config = tiny_config(tiny_model_dir)
+    config["sft"] = {"enabled": True, "batch_size": 8, "gradient_accumulation_steps": 4}
+    config["training"].update(parallel="fsdp", devices=4)
+    with pytest.raises(ConfigError, match=r"config key sft.gradient_accumulation_steps: 4 passes cannot split a proc"):
+        validate_config(config)
+    config["sft"]["gradient_accumulation_steps"] = 2
+    validate_config(config)
+    # SFT's job has the shape of a policy's: a GPU per process on one node, or a node group under srun
+    assert rule_resources(config, "sft")["gpu"] == 4
+    config["training"].update(devices=8, nodes=2)
+    assert rule_resources(config, "sft") | {"mem_mb": 0, "runtime": 0} == {
+        "mem_mb": 0, "runtime": 0, "nodes": 2, "tasks": 2, "tasks_per_gpu": 0, "mpi": "srun", "gres": "gpu:4"}
+    assert training_launcher(config) == srun_torchrun(2, 1, 4)
+
+
+# The official SFT's options (README.md:85): sequence_sum, unique_prompts, RMSprop, constant_with_warmup, and
+# accumulation; 14 distinct prompts in batches of 4, 4, 4, 2 over 2 epochs (8 steps): each process takes 2 sequences
+# in 2 passes of 1, and 1 in the last batch (1 pass), where one process runs 2 passes of 2 and 2 of 1
+SHARDED_SFT = {"epochs": 2, "lr": 1e-4, "batch_size": 4, "gradient_accumulation_steps": 2, "optimizer": "rmsprop",
+               "warmup_steps": 2, "schedule": "constant_with_warmup", "loss": "sequence_sum",
+               "examples": "unique_prompts", "seed": 5}
+SHARDED_TRAINING = {"max_length": 64, "max_prompt_length": 32, "max_grad_norm": 1.0, "precision": "fp32",
+                    "parallel": "fsdp", "devices": 2, "checkpoint_every": 2}
+
+
+def sft_cli(data, name):
+    from fsdp_worker import ROOT
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "workflow.sft", "--model", str(data / "model"), "--pairs", str(data / "pairs.jsonl"),
+            "--sft-json", json.dumps(SHARDED_SFT), "--training-json", json.dumps(SHARDED_TRAINING),
+            "--prompt-format", "hh", "--threads", "2", "--output", str(data / name),
+            "--train-log", str(data / f"{name}.tsv")], ROOT
+
+
+@pytest.mark.workflow
+def test_sharded_sft_on_two_processes_ends_with_the_weights_of_one_and_a_killed_run_resumes_to_them(tiny_model_dir,
+                                                                                                     tmp_path):
+    """SFT's rule command under training.parallel fsdp, devices 2 (gloo): within 1e-5 of SFT in one process on the
+    same batches; SIGKILLed (torchrun and both workers) after a sharded checkpoint, rerun, it resumes there and ends
+    with the uninterrupted run's weights and log, bit for bit."""
+    from conftest import SNAKEMAKE_ENV
+    from fsdp_worker import kill_with_workers
+    from workflow.lib.files import write_jsonl
+
+    data = tmp_path
+    (data / "model").symlink_to(tiny_model_dir)
+    recs = [{"pair_id": f"p{i}", "messages": [{"role": "user", "content": f"How do I do thing {i % 14}?"}],
+             "chosen": "No. " * (1 + i % 5) + f"{i}", "rejected": "Sure."} for i in range(20)]
+    write_jsonl(data / "pairs.jsonl", recs)
+    env = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
+
+    cmd, root = sft_cli(data, "uninterrupted")
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert not (data / "uninterrupted.checkpoint").exists()  # removed after success
+    log_two = pd.read_csv(data / "uninterrupted.tsv", sep="\t")
+    assert len(log_two) == 8 and log_two["sequences"].tolist() == [4, 4, 4, 2] * 2
+
+    # one process, the same batches: the loop, loss and optimizer in this process, no sharding
+    model = load_model(tiny_model_dir)
+    sft = fill_defaults(SHARDED_SFT, "sft")
+    training = fill_defaults(SHARDED_TRAINING | {"parallel": "ddp", "devices": 1}, "training") | {"prompt_format": "hh"}
+    log_one = train_sft(model, load_tokenizer(tiny_model_dir), recs, sft, training, DataParallel("fp32"))
+    for column in ("loss", "grad_norm", "lr", "tokens", "sequences"):
+        assert log_two[column].tolist() == pytest.approx([r[column] for r in log_one], rel=1e-5), column
+    two = load_file(data / "uninterrupted/model.safetensors")
+    one = {k: v for k, v in model.state_dict().items() if k in two}
+    assert one.keys() == two.keys() and "model.embed_tokens.weight" in two  # the tied output embedding once
+    worst = max((one[k] - two[k]).abs().max().item() for k in two)
+    assert worst < 1e-5, worst
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(two[k], base[k]) for k in base)  # it trained
+
+    # killed once a checkpoint past step 4 (the first epoch's end) is in place, then rerun
+    cmd, root = sft_cli(data, "killed")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = data / "killed.checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not (state.exists() and json.loads(state.read_text())["step"] >= 4):
+            assert proc.poll() is None and time.monotonic() < deadline, "SFT ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        kill_with_workers(proc)
+    assert not (data / "killed").exists()
+    assert (data / "killed.checkpoint/sharded/.metadata").exists()
+    resumed = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    at = json.loads(next(line for line in resumed.stdout.splitlines() if "resumed_at_step" in line))
+    assert 4 <= at["resumed_at_step"] < at["of"] == 8
+    again = load_file(data / "killed/model.safetensors")
+    assert again.keys() == two.keys()
+    assert all(torch.equal(again[k], two[k]) for k in two), max((again[k] - two[k]).abs().max().item() for k in two)
+    pd.testing.assert_frame_equal(pd.read_csv(data / "killed.tsv", sep="\t").drop(columns="seconds"),
+                                  log_two.drop(columns="seconds"))
+    print(json.dumps({"max_abs_difference_to_one_process": worst, "resumed_at_step": at["resumed_at_step"]}))

@@ -39,24 +39,23 @@ import math
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from workflow.lib import loop
 from workflow.lib.checkpoint import Checkpointer, file_digest, fingerprint, make_checkpointer
 from workflow.lib.checks import check_preset, check_training
 from workflow.lib.config import fill_defaults
 from workflow.lib.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.lib.losses import soft_labels
-from workflow.lib.models import PROVENANCE, load_model, load_tokenizer
+from workflow.lib.models import PROVENANCE, load_tokenizer
 from workflow.lib.optim import make_optimizer
 from workflow.lib.pairs import collate_pairs, encode_response_pair, text_key
 from workflow.lib.parallel import DataParallel, FullyShardedParallel, make_parallel
 from workflow.lib.presets import uses_reward
-from workflow.lib.progress import progress
 from workflow.lib.sharpness import matched_reference, perturbed_set
 from workflow.lib.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
 
@@ -109,25 +108,14 @@ def apply_lora(model, lora: dict):
     return get_peft_model(model, config)
 
 
-def pairs_used(n_records: int, batch_size: int, world: int) -> int:
-    """Pairs trained on per epoch: all, unless a last partial batch has fewer pairs than processes
-    (each process needs at least one), which is then left out of the epoch, with a note in the log."""
-    if batch_size < world:
-        raise ValueError(f"training.batch_size ({batch_size}) is the global batch and must be at least "
-                         f"training.devices ({world}): every process needs pairs")
-    rest = n_records % batch_size
-    return n_records - rest if 0 < rest < world else n_records
-
-
-class StepReport:
-    """Where each step's log row goes besides the returned log: a JSON line and a progress line in the
-    job log, and TensorBoard scalars when ``tensorboard_dir`` is given (process 0 only)."""
+class StepReport(loop.StepReport):
+    """The policy's step report: a JSON line and a progress line in the job log, and TensorBoard scalars when
+    ``tensorboard_dir`` is given (process 0 only)."""
 
     SCALARS = ("loss", "loss_perturbed", "margin", "acc_clean", "acc_flipped", "grad_norm", "lr", "gamma")
 
-    def __init__(self, total: int, done: int, main: bool, tensorboard_dir: str | None = None):
-        self.main = main
-        self.bar = progress(total=total, desc="train", unit="step", initial=done) if main else None
+    def __init__(self, main: bool, tensorboard_dir: str | None = None):
+        super().__init__(main, "train", ("step", "loss", "margin", "sharpness_step", "seconds"))
         self.writer = None
         if main and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -135,10 +123,7 @@ class StepReport:
             self.writer = SummaryWriter(tensorboard_dir)
 
     def __call__(self, row: dict) -> None:
-        if not self.main:
-            return
-        print(json.dumps({k: row[k] for k in ("step", "loss", "margin", "sharpness_step", "seconds")}), flush=True)
-        self.bar.update(1)
+        super().__call__(row)
         if self.writer:
             for key in self.SCALARS:
                 value = row.get(key)
@@ -151,8 +136,7 @@ class StepReport:
                         self.writer.add_scalar(f"sharpness/{key}", row[key], row["step"])
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        super().close()
         if self.writer is not None:
             self.writer.close()
 
@@ -165,65 +149,38 @@ def train(model, tokenizer, records: list[dict], method: dict, settings: dict, s
     ``settings`` is the validated ``training`` section (``workflow.lib.config.fill_defaults``). With a
     ``checkpointer`` the loop saves every few steps and first resumes from a matching checkpoint,
     restoring weights, optimizer, schedule, batch order and every RNG, so a resumed run ends with the
-    same weights as an uninterrupted one. ``parallel`` places (or shards) the model and splits each
-    batch over the processes (default: ``training.parallel`` in this process alone). ``selected`` is
-    bound to the weights the wrapped model trains, in place (under fsdp: the sharded ones). One step is
+    same weights as an uninterrupted one (``workflow.lib.loop``). ``parallel`` places (or shards) the model
+    and splits each batch over the processes (default: ``training.parallel`` in this process alone). ``selected``
+    is bound to the weights the wrapped model trains, in place (under fsdp: the sharded ones). One step is
     ``train_step.train_step``. ``matched_to``: the probe-selected neurons a ``matched`` control copies
-    the move length of (bound like ``selected``).
+    the move length of (bound like ``selected``). Under fsdp ``model`` may come from
+    ``FullyShardedParallel.load_model`` (on the meta device until wrapped).
     """
     parallel = parallel or make_parallel(settings)
-    used = pairs_used(len(records), settings["batch_size"], parallel.world)
-    if used < len(records) and parallel.main:
-        print(json.dumps({"left_out_per_epoch": len(records) - used, "reason": "last batch smaller than devices"}),
-              flush=True)
+    bs = settings["batch_size"]
+    total = loop.total_steps(len(records), bs, settings["epochs"], parallel.world)
     if method.get("sharpness") and not selected:
         raise ValueError("sharpness-aware training needs a non-empty subspace")
     if method.get("sharpness", {}).get("perturbation") == "matched" and not matched_to:
         raise ValueError("sharpness.perturbation matched needs the probe-selected neurons (matched_to)")
     encoded = [encode_response_pair(tokenizer, r, settings["max_length"], settings["max_prompt_length"],
                                     settings["prompt_format"]) for r in records]
-    bs = settings["batch_size"]
-    steps_per_epoch = math.ceil(used / bs)
-    total = steps_per_epoch * settings["epochs"]
     # wrap first: FSDP replaces the Parameters by sharded ones, which the optimizer and ``selected`` must
     # hold (under DDP the unwrapped ``model`` keeps the Parameter objects the wrapper uses)
     forward = parallel.wrap(model)
     parallel.bind(selected)
     parallel.bind(matched_to)
     optimizer, scheduler = make_optimizer(model.parameters(), settings, total)
-    rng = np.random.default_rng(seed)
     trainer = Trainer(model, forward, optimizer, scheduler, method, settings, parallel, selected, random.Random(seed),
                       matched_to)
-    log, step, first_epoch, order = [], 0, 0, None
-    resumed = checkpointer.load(model, optimizer, scheduler, (rng, trainer.gamma_rng)) if checkpointer else None
-    if resumed:
-        log, step, first_epoch, order = resumed["log"], resumed["step"], resumed["epoch"], np.array(resumed["order"])
-        if parallel.main:  # one line per run, not per process (two processes' lines would interleave)
-            print(json.dumps({"resumed_at_step": step, "of": total}), flush=True)
-    report = StepReport(total, step, parallel.main, tensorboard_dir)
-    model.train()
-    for epoch in range(first_epoch, settings["epochs"]):
-        if order is None:
-            order = rng.permutation(len(records))
-        for start in range((step - epoch * steps_per_epoch) * bs, used, bs):
-            step += 1
-            t0 = time.perf_counter()
-            global_idx = order[start:start + bs]
-            local_idx = parallel.share(global_idx)
-            batch = collate_pairs([encoded[i] for i in local_idx], tokenizer.pad_token_id)
-            row = train_step(trainer, batch, [records[i] for i in local_idx], [records[i] for i in global_idx], step)
-            row.update(epoch=epoch, seconds=time.perf_counter() - t0)
-            log.append(row)
-            report(row)
-            if checkpointer and checkpointer.due(step, total):
-                if parallel.main or checkpointer.collective:
-                    checkpointer.save(model, optimizer, scheduler, {"step": step, "epoch": epoch,
-                                                                    "order": order.tolist(), "log": log},
-                                      (rng, trainer.gamma_rng))
-                parallel.barrier()
-        order = None
-    report.close()
-    return log
+
+    def step(global_idx, local_idx, number: int) -> dict:
+        batch = collate_pairs([encoded[i] for i in local_idx], tokenizer.pad_token_id)
+        return train_step(trainer, batch, [records[i] for i in local_idx], [records[i] for i in global_idx], number)
+
+    steps = loop.Loop(model, optimizer, scheduler, parallel, np.random.default_rng(seed), trainer.gamma_rng,
+                      checkpointer)
+    return steps.run(step, len(records), bs, settings["epochs"], StepReport(parallel.main, tensorboard_dir))
 
 
 def main(argv=None):
@@ -269,7 +226,7 @@ def main(argv=None):
                               "soft_label_mean_flipped": float(p[flipped].mean()) if flipped.any() else None,
                               "flips_corrected": int((p[flipped] < 0.5).sum()), "n_flipped": int(flipped.sum())}),
                   flush=True)
-    model = load_model(a.model)
+    model = parallel.load_model(a.model)  # fsdp: process 0 alone reads the weights, sent out when wrapped
     selected = perturbed_set(model, method["sharpness"], a.subspace, a.seed) if method.get("sharpness") else None
     matched_to = matched_reference(model, method["sharpness"], a.subspace) if method.get("sharpness") else None
     if settings.get("lora"):

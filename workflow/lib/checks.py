@@ -127,6 +127,18 @@ def check_training(training: dict) -> None:
                           f" training.nodes ({t['nodes']}); use a multiple of nodes")
 
 
+def check_sft(sft: dict, devices: int) -> None:
+    """The sft section against the processes SFT runs on (``training.devices``): every process needs sequences of
+    each batch, and as many as the passes it runs them in; workflow.sft checks the same at run time."""
+    if sft["batch_size"] < devices:
+        raise ConfigError(f"config key sft.batch_size: {sft['batch_size']} sequences cannot be split over"
+                          f" training.devices ({devices}) processes; use at least one per process")
+    if sft["gradient_accumulation_steps"] > sft["batch_size"] // devices:
+        raise ConfigError(f"config key sft.gradient_accumulation_steps: {sft['gradient_accumulation_steps']} passes"
+                          f" cannot split a process's {sft['batch_size'] // devices} sequences (sft.batch_size"
+                          f" {sft['batch_size']} over training.devices {devices})")
+
+
 def probe_sources(probe_data: dict) -> list[str]:
     """The source keys probe.data reads with its format: ``source``, or ``unsafe`` and ``safe``."""
     return ["source"] if probe_data["format"] == "pku-saferlhf" else ["unsafe", "safe"]
@@ -174,5 +186,7 @@ def check_config(config: dict) -> None:
                   check_presets, check_reward_model):
         check(config)
     check_training(config["training"])
+    if config["sft"]["enabled"]:
+        check_sft(config["sft"], config["training"]["devices"])
     check_probe_data(config["probe"]["data"])
     check_paths(config)

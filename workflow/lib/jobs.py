@@ -2,7 +2,7 @@
 rule's decoding options, derived from the validated config when the rule files are read.
 
 Cluster specifics (partition, account) live in ``profiles/slurm/config.yaml``. The one exception is a policy
-spanning nodes (``training.nodes`` > 1): its resources are Slurm executor keys (``nodes``, ``tasks``, ``gres``,
+(or SFT) spanning nodes (``training.nodes`` > 1): its resources are Slurm executor keys (``nodes``, ``tasks``, ``gres``,
 ``mpi``) and its launcher is ``srun`` + torchrun, because only the config knows the shape of that job.
 """
 from __future__ import annotations
@@ -22,21 +22,25 @@ def params_json(obj) -> str:
     return re.sub(r'"(?:[^"\\]|\\.)*"', escape, json.dumps(obj, sort_keys=True))
 
 
+# resource groups whose jobs train on training.devices processes (training_launcher): a policy, and SFT
+TRAINING_GROUPS = ("train_policy", "sft")
+
+
 def rule_resources(config: dict, group: str) -> dict:
-    """mem_mb, runtime and gpu of a group of config ``resources``: a policy needs a GPU per training process
-    (``training.devices``), a vLLM generation job one per tensor-parallel rank. A policy spanning nodes
+    """mem_mb, runtime and gpu of a group of config ``resources``: a policy or SFT needs a GPU per training process
+    (``training.devices``), a vLLM generation job one per tensor-parallel rank. A policy or SFT spanning nodes
     (``training.nodes`` > 1) asks instead for that many nodes with devices/nodes GPUs each (``gres``, per
     node; mem_mb is per node too) and one task per node, and runs its own ``srun`` (``mpi``: the Slurm
     executor then starts the job's command directly instead of inside a one-task ``srun``)."""
     r = config["resources"][group]
     t, e = config["training"], config["evaluation"]
     base = {"mem_mb": r["mem_mb"], "runtime": r["runtime"]}
-    if group == "train_policy" and t["nodes"] > 1:
+    if group in TRAINING_GROUPS and t["nodes"] > 1:
         # tasks_per_gpu 0: the plugin would otherwise read `tasks` as tasks per GPU
         return base | {"nodes": t["nodes"], "tasks": t["nodes"], "tasks_per_gpu": 0, "mpi": "srun",
                        "gres": f"gpu:{max(r['gpu'], t['devices'] // t['nodes'])}"}
     gpu = r["gpu"]
-    if group == "train_policy":
+    if group in TRAINING_GROUPS:
         gpu = max(gpu, t["devices"])
     if group == "generate" and e["backend"] == "vllm":
         gpu = max(gpu, e["tensor_parallel_size"])

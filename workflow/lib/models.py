@@ -98,6 +98,24 @@ def load_model(folder, dtype=torch.float32, device: str = "cpu"):
                                                 trust_remote_code=trusts_remote_code(folder)).to(device)
 
 
+def empty_model(folder):
+    """The model of ``folder`` (as ``load_model`` builds it: config, generation config, tied weights, fp32) with its
+    parameters on the meta device: no memory, no values. Buffers computed at construction (rotary frequencies)
+    are real, on the CPU. Sharded training fills the parameters in after sharding
+    (``parallel.FullyShardedParallel.load_model``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    remote = trusts_remote_code(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=remote),
+                                                 dtype=torch.float32, trust_remote_code=remote)
+    model.tie_weights()  # from_pretrained ties the input and output embeddings after loading; from_config does not
+    if (Path(folder) / "generation_config.json").exists():  # saved with the policy, read by generate
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
 def load_tokenizer(folder, padding_side: str = "right"):
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Tokenise preference pairs and compute per-sequence response log-probabilities.
 
-Shared by ``reference_logps`` and ``train_policy`` so both score exactly the same tokens.
+Shared by ``reference_logps``, ``train_policy`` and ``sft`` so all score exactly the same tokens.
 """
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ def encode_response_pair(tokenizer, record: dict, max_length: int, max_prompt_le
     return {"prompt": prompt, **answers, "truncated": truncated}
 
 
-def collate_pairs(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences: all chosen answers first, then all rejected ones.
+def collate_pairs(encoded: list[dict], pad_id: int, sides=("chosen", "rejected")) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences: all chosen answers first, then all rejected ones (``sides``: which
+    answers, in that order; SFT scores the chosen ones alone).
 
     ``loss_mask`` marks the answer tokens whose log-probabilities are summed.
     """
     seqs, masks = [], []
-    for side in ("chosen", "rejected"):
+    for side in sides:
         for e in encoded:
             seqs.append(e["prompt"] + e[side])
             masks.append([0] * len(e["prompt"]) + [1] * len(e[side]))

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from workflow.lib import models
 from workflow.lib.models import placement
 
 ENGINES = ("ddp", "fsdp")
@@ -75,6 +76,10 @@ class DataParallel(Collectives):
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
+
+    def load_model(self, folder):
+        """The fp32 model of ``folder`` for ``wrap``: every process holds the whole model, so each reads it."""
+        return models.load_model(folder)
 
     def wrap(self, model):
         """The module the forward and backward passes go through: DDP with several processes, else
@@ -160,12 +165,26 @@ class FullyShardedParallel(Collectives):
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self._renamed: dict[int, str] = {}
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._weights: dict[str, torch.Tensor] | None = None  # process 0's full weights until ``wrap`` sends them
+
+    def load_model(self, folder):
+        """The fp32 model of ``folder`` for ``wrap``, read once per run rather than once per process: every process
+        builds it on the meta device (``models.empty_model``: no memory), and only process 0 reads the weights
+        (``models.load_model``), which ``wrap`` sends out row by row once the model is sharded. The parameters
+        exist by identity (the selected neurons bind to them) but have no values before ``wrap``."""
+        model = models.empty_model(folder)
+        if self.main:
+            full = models.load_model(folder)
+            self._weights = full.state_dict()  # the tensors outlive the module: one copy, on process 0 only
+            del full
+        return model
 
     def wrap(self, model):
         """Shard ``model`` in place (one FSDP unit per decoder layer, then the root) and return it.
 
         The parameters move to this process's device shard by shard (``fully_shard`` does it), so a
-        GPU never holds the whole fp32 model."""
+        GPU never holds the whole fp32 model. A model from ``load_model`` (on the meta device) is then
+        given its values (``_fill``)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16
@@ -174,9 +193,31 @@ class FullyShardedParallel(Collectives):
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        if any(p.is_meta for p in model.parameters()):
+            self._fill(model)
         self._params = dict(model.named_parameters())
         self._tied = tied_parameter_names(model)
         return model
+
+    def _fill(self, model) -> None:
+        """Give a sharded model built on the meta device its values: memory for this process's rows on its device
+        (``to_empty``), the buffers computed at construction put back (``to_empty`` leaves them uninitialised, and
+        the non-persistent ones, rotary frequencies, are in no state dict), then process 0's weights broadcast one
+        tensor at a time, each process keeping its rows (``set_model_state_dict(broadcast_from_rank0=True)``), so
+        no other process holds more than one whole tensor at a time."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.main and self._weights is None:
+            raise RuntimeError("a model on the meta device needs its weights: build it with "
+                               "FullyShardedParallel.load_model")
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
+        set_model_state_dict(model, self._weights if self.main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self._weights = None
 
     def bind(self, selected) -> None:
         """Point the selected neurons at the sharded weights (in place), with indices into this process's
