@@ -81,7 +81,7 @@ def test_an_llm_judge_job_loads_once_for_all_its_answers_files():
     assert both.loading == one.loading == m.a.process_start_s + m.a.vllm_start_s + 8 * N * 2 / m.a.read_rate
     assert both.compute == pytest.approx(2 * one.compute)
     markers = job_cost(m, job("judge", {"judge": "refusal_markers"}, gpu=0, inputs=files[:1]))
-    assert (markers.seconds, markers.gpus) == (m.a.light_job_s, 0)
+    assert (markers.seconds, markers.gpus) == (m.a.light_job_s["pandas"], 0)
 
 
 def test_submissions_count_local_jobs_as_none_and_a_group_as_one():
@@ -96,7 +96,7 @@ def test_submissions_count_local_jobs_as_none_and_a_group_as_one():
     by_rule = {r.rule: r for r in rows}
     generate = job_cost(m, jobs[0])
     # the group holds the generation job's GPU while its refusal-marker judgement runs
-    assert by_rule["judge"].gpu_seconds == pytest.approx(m.a.light_job_s * generate.gpus)
+    assert by_rule["judge"].gpu_seconds == pytest.approx(m.a.light_job_s["pandas"] * generate.gpus)
     assert by_rule["inject_noise"].gpu_seconds == 0 and by_rule["inject_noise"].local == 2
 
 

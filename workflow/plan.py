@@ -1,5 +1,6 @@
 """Project a run's cost before submitting it: per rule the jobs, GPUs per job, hours, GPU-hours on the named
-device and the share spent starting processes and loading models; then the totals and the Slurm submissions.
+device, the share spent starting processes and loading models and the share spent writing weights and
+checkpoints; then the totals and the Slurm submissions.
 
     python -m workflow.plan --configfile config/paper.yaml --gpu h100-80gb
     python -m workflow.plan --configfile config/paper.yaml --gpu a100-80gb --set mfu_train=0.3 --markdown
@@ -35,17 +36,18 @@ def shape_text(row) -> str:
 
 def table(rows, totals, groups: dict[str, int], markdown: bool = False) -> str:
     """The projection as text (aligned columns) or a Markdown table."""
-    head = ["rule", "jobs", "GPUs/job", "hours", "GPU-hours", "loading", "submitted as"]
+    head = ["rule", "jobs", "GPUs/job", "hours", "GPU-hours", "loading", "writing", "submitted as"]
     body = [[r.rule, str(r.jobs), gpus_text(r.gpus), f"{r.seconds / 3600:.2f}", f"{r.gpu_seconds / 3600:.1f}",
-             f"{r.loading / max(r.seconds, 1e-9):.0%}", shape_text(r)] for r in rows]
+             f"{r.loading / max(r.seconds, 1e-9):.0%}", f"{r.writing / max(r.seconds, 1e-9):.0%}", shape_text(r)]
+            for r in rows]
     body.append(["total", str(totals["jobs"]), "", f"{totals['hours']:.1f}", f"{totals['gpu_hours']:.1f}",
-                 f"{totals['loading_share']:.0%}", f"{totals['submissions']} submissions"])
+                 f"{totals['loading_share']:.0%}", "", f"{totals['submissions']} submissions"])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
     else:
         widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-        lines = ["  ".join(x.ljust(w) if i in (0, 6) else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths)))
+        lines = ["  ".join(x.ljust(w) if i in (0, 7) else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths)))
                  for row in [head, *body]]
     groups_text = ", ".join(f"{name}: {n}" for name, n in groups.items()) or "none"
     lines.append("")

@@ -10,8 +10,8 @@ weights). Compute follows three rules (docs/cost.md):
   ``mfu_forward``;
 - a decoding step: bandwidth-bound, the weight bytes ÷ (memory bandwidth × ``bandwidth_efficiency``), or the
   batch's 2·N FLOPs per sequence when that takes longer, plus a fixed per-step overhead of the backend. A
-  transformers batch runs ``max_new_tokens`` steps (it ends when its last sequence does); vLLM keeps up to
-  ``vllm_batch`` sequences in flight, so its steps are answers × tokens ÷ ``vllm_batch``.
+  transformers batch runs ``max_new_tokens`` × fill steps (it ends when its longest sequence does); vLLM keeps
+  up to ``vllm_batch`` sequences in flight, so its steps are answers × tokens × fill ÷ ``vllm_batch``.
 
 Token counts come from the config (pairs, batch sizes, max lengths, prompts per benchmark, samples,
 max_new_tokens) times the fill assumptions; parameter counts from a table of known models or a local folder's
@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from workflow.lib.jobs import judge_backend
 from workflow.lib.safety_judges import LLM_JUDGES
 
 # --- devices -------------------------------------------------------------------------------------------
@@ -72,8 +73,11 @@ class Assumptions:
     step_overhead_vllm: float = 0.003   # s per decoding step of vLLM (CUDA graphs)
     vllm_batch: int = 256               # sequences vLLM keeps in flight (its max_num_seqs default)
     process_start_s: float = 20.0       # a model-loading job's Python process: imports, CUDA context
+    torch_start_s: float = 10.0         # a job importing torch but loading no model
     vllm_start_s: float = 60.0          # vLLM engine: memory profiling, KV-cache allocation, CUDA graph capture
-    light_job_s: float = 5.0            # a job that loads no model (data, refusal markers, tables, figures)
+    # a job that loads no model, by what it imports: the standard library, pandas (data, refusal markers),
+    # the statistics and plotting stack (tables, figures, the report page)
+    light_job_s: dict = field(default_factory=lambda: {"stdlib": 3.0, "pandas": 5.0, "report": 10.0})
     read_rate: float = 2e9              # B/s reading weights from the shared file system
     write_rate: float = 1e9             # B/s writing weights and checkpoints
     download_rate: float = 0.1e9        # B/s from the Hugging Face hub (prepare_model, convert_score_model)
@@ -83,7 +87,9 @@ class Assumptions:
     # decoded tokens / max_new_tokens: under vLLM the mean answer, under transformers a batch's longest
     answer_fill: float = 1.0            # answers (also their length in judge inputs)
     judge_output_fill: float = 1.0      # a judge's verdicts
-    probe_fill: float = 0.5             # probe text tokens / probe.max_tokens
+    # mean probe text in tokens, by probe.data.format: refusal-direction instructions (measured on the default
+    # data: 12.6), a PKU-SafeRLHF prompt and response in the HH template (estimated; at most 255 are kept)
+    probe_text_tokens: dict = field(default_factory=lambda: {"texts": 13, "pku-saferlhf": 150})
     probe_texts_all: int = 54000        # texts of probe.data.sample all (PKU-SafeRLHF-30K train: 27k rows x 2)
     sft_examples_fraction: float = 1.0  # SFT examples / training pairs (examples: unique_prompts gives fewer)
     # judge prompt text around the prompt and answer, in tokens (template characters / 4)
@@ -101,7 +107,8 @@ CPU_ASSUMPTIONS = dict(
     mfu_forward=0.9,                    # 12 s forward + backward of 8 x 256 tokens (ENVIRONMENT.md)
     step_overhead_transformers=0.01,    # 0.04 s per decoding step at batch 16, idle (docs/bench.md)
     process_start_s=6.5,                # import torch + transformers + load a tiny model: 6.4-6.8 CPU s (docs/testing.md)
-    light_job_s=1.0,                    # 94 jobs loading no model: 75 CPU s (docs/testing.md)
+    torch_start_s=1.9,                  # import torch alone (docs/testing.md)
+    light_job_s={"stdlib": 0.4, "pandas": 1.0, "report": 3.0},  # python -m workflow.<stage> --help, docs/cost.md
     read_rate=1e9, write_rate=0.5e9,    # page cache / local disk
 )
 
@@ -257,10 +264,9 @@ class Model:
     def prompts(self, benchmark: str) -> int:
         """Prompts a benchmark's sample holds: its sample file when it exists, else n_prompts capped by the
         benchmark's size (jailbreak sets: the base benchmark's size x templates)."""
-        sample = self.workdir / f"results/data/benchmarks/{benchmark}/sample.jsonl"
-        if sample.exists():
-            with open(sample) as f:
-                return sum(1 for line in f if line.strip())
+        counted = self.count_rows(f"results/data/benchmarks/{benchmark}/sample.jsonl")
+        if counted is not None:
+            return counted
         spec = self.config["benchmarks"][benchmark]
         n = spec.get("n_prompts", self.config["evaluation"]["n_prompts"])
         size = self.a.benchmark_sizes.get(benchmark)
@@ -274,6 +280,14 @@ class Model:
             return size
         return min(n, size) if size else n
 
+    def count_rows(self, path: str) -> int | None:
+        """Rows of a JSON-lines file the run has written already (None before): counts replace assumptions."""
+        file = self.workdir / path
+        if not file.exists():
+            return None
+        with open(file) as f:
+            return sum(1 for line in f if line.strip())
+
     def answers(self, benchmark: str) -> int:
         return self.prompts(benchmark) * self.config["evaluation"]["samples"]
 
@@ -281,8 +295,7 @@ class Model:
         return self.config["evaluation"]["backend"]
 
     def judge_backend(self, judge: str) -> str:
-        spec = self.config["judges"][judge]
-        return spec.get("backend") or self.config["evaluation"]["backend"]
+        return judge_backend(self.config, judge)  # as the rules decide it
 
 
 def job_gpus(resources: dict) -> int:
@@ -302,7 +315,7 @@ def answer_file(path: str) -> tuple[str, str]:
 
 
 def _light(m: Model, job: dict) -> JobCost:
-    return JobCost(start=m.a.light_job_s)
+    return JobCost(start=m.a.light_job_s[LIGHT.get(job["rule"], "pandas")])
 
 
 def _prepare_model(m: Model, job: dict) -> JobCost:
@@ -322,14 +335,15 @@ def _convert_score_model(m: Model, job: dict) -> JobCost:
 
 
 def _train_probe(m: Model, job: dict) -> JobCost:
-    probe = m.config["probe"]
-    data = probe["data"]
-    texts = m.a.probe_texts_all if data.get("sample") == "all" else 2 * data["n_per_class"]
-    n, t = m.n(m.base), job["threads"]
+    data = m.config["probe"]["data"]
+    texts = m.count_rows("results/probe/data.jsonl")  # what probe_data kept, once it has run
+    if texts is None:
+        texts = m.a.probe_texts_all if data.get("sample") == "all" else 2 * data["n_per_class"]
+    tokens = texts * m.a.probe_text_tokens[data.get("format", "texts")]
+    n = m.n(m.base)
     # the probe's forward runs in fp32 (the saved base model's dtype): the fp32 peak on a GPU
     return JobCost(start=m.a.process_start_s, load=m.load(n, 4),
-                   compute=m.forward(n, texts * probe["max_tokens"] * m.a.probe_fill, threads=t, fp32=True),
-                   gpus=job_gpus(job["resources"]))
+                   compute=m.forward(n, tokens, threads=job["threads"], fp32=True), gpus=job_gpus(job["resources"]))
 
 
 def _select_subspace(m: Model, job: dict) -> JobCost:
@@ -354,6 +368,9 @@ def _reference_logps(m: Model, job: dict) -> JobCost:
 
 
 def _score_preferences(m: Model, job: dict) -> JobCost:
+    """A model's held-out margins; the reference model itself (the base model without SFT) needs no pass."""
+    if not any(f.startswith(("results/models/", "results/policies/")) for f in job["input"]):
+        return JobCost(start=m.a.torch_start_s)
     n = m.n(m.base)
     return JobCost(start=m.a.process_start_s, load=m.load(n, 4),
                    compute=m.forward(n, 2 * m.config["preferences"]["n_heldout"] * m.seq_tokens(), threads=job["threads"]),
@@ -434,9 +451,11 @@ RULES = {
     "train_reward_model": _train_reward_model, "train_policy": _train_policy,
     "score_preferences": _score_preferences, "generate": _generate, "judge": _judge, "llm_judge": _judge,
 }
-# rules that load no model: seconds each (data preparation, refusal markers, statistics, figures, the page)
-LIGHT = ("prepare_preferences", "inject_noise", "prepare_benchmark", "sample_benchmark", "probe_data",
-         "judge_agreement", "report_tables", "report_figures", "perturbation_summary", "report", "plot_soft_labels")
+# rules that load no model: seconds each, by what they import (data preparation, refusal markers, report)
+LIGHT = {"inject_noise": "stdlib", "sample_benchmark": "stdlib", "prepare_preferences": "pandas",
+         "prepare_benchmark": "pandas", "probe_data": "pandas", "judge": "pandas", "judge_agreement": "pandas",
+         "plot_soft_labels": "pandas", "report_tables": "report", "report_figures": "report",
+         "perturbation_summary": "report", "report": "report"}
 
 
 def job_cost(m: Model, job: dict) -> JobCost | None:
@@ -462,6 +481,7 @@ class RuleRow:
     seconds: float = 0.0
     gpu_seconds: float = 0.0
     loading: float = 0.0
+    writing: float = 0.0
     cpu_seconds: float = 0.0
     submitted: int = 0   # submissions of its own (not local, not grouped)
     local: int = 0
@@ -489,6 +509,7 @@ def project(m: Model, jobs: list[dict]) -> tuple[list[RuleRow], dict]:
         row.gpus.add(cost.gpus)
         row.seconds += cost.seconds
         row.loading += cost.loading
+        row.writing += cost.write
         row.cpu_seconds += cpu_seconds(m, cost, job["threads"])
         if job["group"]:
             row.grouped += 1

@@ -1,5 +1,6 @@
 """The jobs Snakemake would run, read from Snakemake's own DAG (the same config, rules and needrun logic as
-``snakemake -n``), as plain dicts: rule, wildcards, input, output, threads, resources, group, local; and the
+``snakemake -n``), as plain dicts: rule, wildcards, input, output, threads, resources, benchmark (its record's path), group,
+local; and the
 config the Snakefile validated (defaults filled in).
 
     python workflow/lib/dag.py '{"snakefile": "Snakefile", "workdir": ".", "configfiles": ["config/paper.yaml"]}'
@@ -62,6 +63,7 @@ def read_jobs(snakefile: str, workdir: str, configfiles: list[str], forceall: bo
             jobs.append({"rule": job.rule.name, "wildcards": dict(job.wildcards_dict),
                          "input": [str(f) for f in job.input], "output": [str(f) for f in job.output],
                          "threads": job.threads, "resources": resources,
+                         "benchmark": str(job.benchmark) if job.benchmark else None,
                          "group": groups.get(group), "local": group is None and (
                              job.rule.name in workflow._localrules or bool(job.rule.norun))})
         return {"config": json.loads(json.dumps(workflow.config, default=str)), "jobs": jobs}
