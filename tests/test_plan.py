@@ -14,8 +14,8 @@ import yaml
 
 from conftest import ROOT
 from workflow.lib.config import fill_defaults
-from workflow.lib.cost import (DEVICES, Assumptions, Model, assumptions_for, job_cost, job_gpus, parse_overrides, project,
-                               safetensors_parameters)
+from workflow.lib.cost import (DEVICES, Assumptions, Model, assumptions_for, device_with, job_cost, job_gpus,
+                               parse_overrides, project, safetensors_parameters)
 
 N = 1_000_000_000  # a round model size for the arithmetic
 
@@ -106,6 +106,9 @@ def test_gpus_of_a_job_spanning_nodes_and_overrides_name_their_key():
         "mfu_train": 0.4, "benchmark_sizes": {**Assumptions().benchmark_sizes, "saladbench": 5000.0}}
     with pytest.raises(SystemExit, match="--set 'mfu=0.4': expected NAME=VALUE with NAME one of mfu_train"):
         parse_overrides(["mfu=0.4"])
+    assert device_with(DEVICES["h100-80gb"], ["device.bandwidth=2e12"]).bandwidth == 2e12
+    with pytest.raises(SystemExit, match="expected device.NAME=VALUE with NAME one of flops"):
+        device_with(DEVICES["h100-80gb"], ["device.speed=1"])
     # this machine's figures replace the GPU node's; an override wins over both
     assert assumptions_for(DEVICES["cpu-2core"]).process_start_s == 6.5
     assert assumptions_for(DEVICES["cpu-2core"], {"process_start_s": 3.0}).process_start_s == 3.0

@@ -9,7 +9,8 @@ checkpoints; then the totals and the Slurm submissions.
 The jobs are Snakemake's own (the same Snakefile, config and needrun logic as ``snakemake -n``; with
 ``--forceall`` every job of the run), read by ``workflow/lib/dag.py``; the cost model and every assumption it
 makes are in ``workflow/lib/cost.py`` and docs/cost.md. ``--set NAME=VALUE`` overrides an assumption
-(``--set benchmark_sizes.saladbench=5000`` an entry of a table), ``--params MODEL=N`` a parameter count.
+(``--set benchmark_sizes.saladbench=5000`` an entry of a table, ``--set device.bandwidth=2e12`` a figure of the
+device), ``--params MODEL=N`` a parameter count.
 Not a stage: no rule runs it (tests/test_layout.py lists it as a command).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from workflow.lib.cost import DEVICES, Model, assumptions_for, group_submissions, parse_overrides, project
+from workflow.lib.cost import (DEVICES, Model, assumptions_for, device_with, group_submissions, parse_overrides,
+                               project)
 from workflow.lib.dag import dag_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +71,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows and totals to this file")
     a = p.parse_args(argv)
 
-    device = DEVICES[a.gpu]
-    assumptions = assumptions_for(device, parse_overrides(a.set))
+    device = device_with(DEVICES[a.gpu], [s for s in a.set if s.startswith("device.")])
+    assumptions = assumptions_for(device, parse_overrides([s for s in a.set if not s.startswith("device.")]))
     params = {}
     for pair in a.params:
         name, sep, value = pair.rpartition("=")

@@ -113,6 +113,23 @@ CPU_ASSUMPTIONS = dict(
 )
 
 
+def device_with(device: Device, pairs: list[str]) -> Device:
+    """``device`` with ``device.FIELD=VALUE`` overrides (``--set device.bandwidth=2.0e12``): its figures are
+    assumptions like the others."""
+    names = [f.name for f in fields(Device) if f.name not in ("name", "note")]
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        name = key.removeprefix("device.")
+        if not sep or name not in names:
+            raise SystemExit(f"--set {pair!r}: expected device.NAME=VALUE with NAME one of {', '.join(names)}")
+        try:
+            changes[name] = type(getattr(device, name))(float(value))
+        except ValueError:
+            raise SystemExit(f"--set {pair!r}: {value!r} is not a number") from None
+    return replace(device, **changes)
+
+
 def assumptions_for(device: Device, overrides: dict | None = None) -> Assumptions:
     """The defaults (this machine's figures for the CPU device), then ``overrides`` (``--set key=value``)."""
     base = Assumptions(**(CPU_ASSUMPTIONS if device.cores else {}))
