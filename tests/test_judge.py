@@ -192,8 +192,11 @@ def test_a_judges_own_markers_add_to_or_replace_the_built_in_list():
 
 # --- LLM judges on vLLM: a stand-in vllm module (vLLM cannot run here) receives the requests ---
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
+
+import yaml  # noqa: E402
 
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -326,3 +329,72 @@ def test_one_vllm_engine_judges_several_answers_files(tiny_model_dir, monkeypatc
         judge_stage.main(["--judge-spec-json", json.dumps(spec), "--answers", *args["--answers"],
                           "--tags-json", *args["--tags-json"], "--labels", args["--labels"][0],
                           "--summary", *args["--summary"]])
+
+
+# the stand-in as a package, for jobs that Snakemake starts: it appends each request to $VLLM_STAND_IN_LOG
+STAND_IN_PACKAGE = '''"""Stand-in vllm (tests/test_judge.py): vLLM cannot run here. Records every request, answers Llama Guard verdicts."""
+import json
+import os
+from types import SimpleNamespace
+
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class LLM:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def generate(self, prompts, params):
+        with open(os.environ["VLLM_STAND_IN_LOG"], "a") as f:
+            f.write(json.dumps({"engine": self.kwargs, "params": params.kwargs,
+                                "prompts": [p["prompt_token_ids"] for p in prompts]}) + "\\n")
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="unsafe\\nS1" if i % 2 else "safe")])
+                for i in range(len(prompts))]
+'''
+
+
+def test_a_vllm_judge_added_to_a_finished_run_judges_each_method_in_one_job(reference_run, tiny_model_dir, tmp_path):
+    """An LLM judge on vLLM added to a finished run: nothing trains or generates again; one llm_judge job per
+    method, seed and benchmark judges the answers of both noise rates with one engine, each file labelled and
+    tagged as its own; the base model's answers one job per file."""
+    from conftest import SNAKEMAKE_ENV, copy_run, jobs_run, snakemake_command, write_config
+
+    workdir = copy_run(reference_run[0], tmp_path / "run")
+    (tmp_path / "stand-in" / "vllm").mkdir(parents=True)
+    (tmp_path / "stand-in" / "vllm" / "__init__.py").write_text(STAND_IN_PACKAGE)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["judges"]["tiny_guard"] = {"type": "llama_guard_3", "model": str(tiny_model_dir), "dtype": "float32",
+                                      "backend": "vllm"}
+    config["evaluation"]["judges"] = ["refusal_markers", "tiny_guard"]
+    write_config(workdir, config)
+    targets = [f"results/judgements/tiny_guard/{m}/{b}.json" for b in ("harmbench", "donotanswer")
+               for m in ["base"] + [f"{method}/noise{n}/seed0" for method in ("dpo", "shapo") for n in ("0", "0.25")]]
+    log = tmp_path / "requests.jsonl"
+    env = {**SNAKEMAKE_ENV, "PYTHONPATH": str(tmp_path / "stand-in"), "VLLM_STAND_IN_LOG": str(log)}
+    proc = subprocess.run(snakemake_command(workdir, *targets), capture_output=True, text=True, env=env, cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(jobs_run(proc)) == ["judge"] * 2 + ["llm_judge"] * 4  # 2 methods x 1 seed x 2 benchmarks
+
+    requests = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(requests) == 6 and {json.dumps(r["engine"], sort_keys=True) for r in requests} == {json.dumps(
+        {"model": str(tiny_model_dir), "dtype": "float32", "trust_remote_code": False, "seed": 0}, sort_keys=True)}
+    assert all(r["params"] == {"max_tokens": 10, "temperature": 0.0, "top_p": 1.0} for r in requests)
+    for method in ("dpo", "shapo"):
+        for benchmark in ("harmbench", "donotanswer"):
+            sent = 0
+            for noise in ("0", "0.25"):
+                folder = workdir / f"results/judgements/tiny_guard/{method}/noise{noise}/seed0"
+                labels = read_jsonl(folder / f"{benchmark}.jsonl")
+                answers = read_jsonl(workdir / f"results/generations/{method}/noise{noise}/seed0/{benchmark}.jsonl")
+                assert [r["id"] for r in labels] == [r["id"] for r in answers]
+                summary = read_json(folder / f"{benchmark}.json")
+                assert (summary["method"], summary["noise"], summary["benchmark"]) == (method, float(noise), benchmark)
+                sent += sum(1 for r in answers if r["answer"].strip())
+            assert sent in [len(r["prompts"]) for r in requests]  # both files in one request
+    # nothing left to do for these targets
+    dry = subprocess.run(snakemake_command(workdir, "--dry-run", *targets), capture_output=True, text=True, env=env,
+                         cwd=workdir)
+    assert dry.returncode == 0 and jobs_run(dry) == [], dry.stdout[-2000:] + dry.stderr[-2000:]
