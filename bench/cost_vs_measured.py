@@ -1,6 +1,6 @@
 """The cost projection (workflow/plan.py) against a finished run's measured per-rule times.
 
-    python bench/cost_vs_measured.py [RUN] [--time wall|cpu] [--out results/bench/cost_vs_measured.tsv]
+    python bench/cost_vs_measured.py [RUN] [--time wall|cpu] [--min-cores C] [--out results/bench/cost_vs_measured.tsv]
 
 RUN is the run's working directory (default: here). Its jobs are read from Snakemake's DAG with every job
 forced (its own Snakefile and config.yaml: the jobs it ran) and projected on this machine's figures
@@ -14,7 +14,9 @@ thread, compute on each of the job's threads): on a machine other processes load
 with the load, its CPU time much less (docs/cost.md says by how much); jobs that load no model are compared on
 wall time either way (the benchmark's CPU sampling misses most of a sub-second process). The fastest training step of each
 policy (its train log's ``seconds``) is compared with the projected step as well: of all the figures, the
-least touched by other processes.
+least touched by other processes. ``cores`` (CPU ÷ wall seconds of a rule's jobs) shows how much of the
+machine the jobs had: near their threads on an idle machine, far below when other processes took the cores;
+``--min-cores`` compares only the model-loading jobs that had at least that many.
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ def measured_record(path: Path) -> dict | None:
     return {"wall": float(record["s"]), "cpu": float(record["cpu_time"])}
 
 
-def comparison(run: Path, time: str, overrides: dict) -> tuple[pd.DataFrame, Model, list[dict]]:
+def comparison(run: Path, time: str, overrides: dict, min_cores: float = 0.0) -> tuple[pd.DataFrame, Model, list[dict]]:
     """Per rule, over the jobs that have a benchmark record: jobs, projected and measured seconds (wall or CPU)
-    and projected / measured. Matching job by job, a run still going is compared on what it has done."""
+    and projected / measured. Matching job by job, a run still going is compared on what it has done.
+    ``min_cores``: leave out model-loading jobs that had fewer cores on average (CPU ÷ wall seconds)."""
     device = DEVICES["cpu-2core"]
     dag = dag_jobs(run / "Snakefile", run, [], forceall=True)
     m = Model(dag["config"], device, assumptions_for(device, overrides), {}, run)
@@ -56,13 +59,20 @@ def comparison(run: Path, time: str, overrides: dict) -> tuple[pd.DataFrame, Mod
         # a job that only starts a process: under a second or two, which Snakemake's once-a-second CPU sampling
         # mostly misses (sample_benchmark: 0.00 CPU s in 0.3 s), so compared on wall time either way
         wall = time == "wall" or cost.load == cost.compute == cost.write == 0
+        if not (cost.load == cost.compute == cost.write == 0) and record["cpu"] < min_cores * record["wall"]:
+            continue
         rows.append({"rule": job["rule"], "measured_s": record["wall" if wall else "cpu"],
-                     "projected_s": cost.seconds if wall else cpu_seconds(m, cost, job["threads"])})
+                     "projected_s": cost.seconds if wall else cpu_seconds(m, cost, job["threads"]),
+                     "wall": record["wall"], "cpu": record["cpu"]})
     if not rows:
         raise SystemExit(f"{run}: no benchmark records of its jobs (run the workflow first)")
     table = pd.DataFrame(rows).groupby("rule").agg(jobs=("rule", "size"), projected_s=("projected_s", "sum"),
-                                                   measured_s=("measured_s", "sum")).reset_index()
+                                                   measured_s=("measured_s", "sum"), wall=("wall", "sum"),
+                                                   cpu=("cpu", "sum")).reset_index()
     table["ratio"] = table.projected_s / table.measured_s
+    # cores the jobs had on average (CPU s / wall s): near their threads on an idle machine, far below under load
+    table["cores"] = table.cpu / table.wall
+    table = table.drop(columns=["wall", "cpu"])
     return table.sort_values("measured_s", ascending=False).reset_index(drop=True), m, dag["jobs"]
 
 
@@ -89,11 +99,14 @@ def main(argv=None):
     p.add_argument("run", nargs="?", default=".", help="the finished run's working directory")
     p.add_argument("--time", choices=["wall", "cpu"], default="wall")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override an assumption")
+    p.add_argument("--min-cores", type=float, default=0.0,
+                   help="compare only the model-loading jobs that had at least this many cores on average (a loaded machine)")
     p.add_argument("--out", default="results/bench/cost_vs_measured.tsv")
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
-    table, m, jobs = comparison(run, a.time, parse_overrides(a.set))
-    print(f"{run}: projected on {m.device.name} vs measured, {a.time} seconds per rule")
+    table, m, jobs = comparison(run, a.time, parse_overrides(a.set), a.min_cores)
+    kept = f", model-loading jobs with {a.min_cores:g} cores or more" if a.min_cores else ""
+    print(f"{run}: projected on {m.device.name} vs measured, {a.time} seconds per rule{kept}")
     print(table.round(2).to_string(index=False))
     total_p, total_m = table.projected_s.sum(), table.measured_s.sum()
     print(f"total: projected {total_p:.0f} s, measured {total_m:.0f} s, ratio {total_p / total_m:.2f}")
