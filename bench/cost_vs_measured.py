@@ -1,6 +1,6 @@
 """The cost projection (workflow/plan.py) against a finished run's measured per-rule times.
 
-    python bench/cost_vs_measured.py [RUN] [--time wall|cpu] [--min-cores C] [--out results/bench/cost_vs_measured.tsv]
+    python bench/cost_vs_measured.py [RUN] [--configfile F ...] [--time wall|cpu] [--min-cores C] [--out FILE]
 
 RUN is the run's working directory (default: here). Its jobs are read from Snakemake's DAG with every job
 forced (its own Snakefile and config.yaml: the jobs it ran) and projected on this machine's figures
@@ -43,12 +43,13 @@ def measured_record(path: Path) -> dict | None:
     return {"wall": float(record["s"]), "cpu": float(record["cpu_time"])}
 
 
-def comparison(run: Path, time: str, overrides: dict, min_cores: float = 0.0) -> tuple[pd.DataFrame, Model, list[dict]]:
+def comparison(run: Path, time: str, overrides: dict, min_cores: float = 0.0,
+               configfiles: list[str] = ()) -> tuple[pd.DataFrame, Model, list[dict]]:
     """Per rule, over the jobs that have a benchmark record: jobs, projected and measured seconds (wall or CPU)
     and projected / measured. Matching job by job, a run still going is compared on what it has done.
     ``min_cores``: leave out model-loading jobs that had fewer cores on average (CPU ÷ wall seconds)."""
     device = DEVICES["cpu-2core"]
-    dag = dag_jobs(run / "Snakefile", run, [], forceall=True)
+    dag = dag_jobs(run / "Snakefile", run, [Path(f).resolve() for f in configfiles], forceall=True)
     m = Model(dag["config"], device, assumptions_for(device, overrides), {}, run)
     rows = []
     for job in dag["jobs"]:
@@ -98,13 +99,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=".", help="the finished run's working directory")
     p.add_argument("--time", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--configfile", nargs="*", default=[], help="the config files the run was given besides its config.yaml")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override an assumption")
     p.add_argument("--min-cores", type=float, default=0.0,
                    help="compare only the model-loading jobs that had at least this many cores on average (a loaded machine)")
     p.add_argument("--out", default="results/bench/cost_vs_measured.tsv")
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
-    table, m, jobs = comparison(run, a.time, parse_overrides(a.set), a.min_cores)
+    table, m, jobs = comparison(run, a.time, parse_overrides(a.set), a.min_cores, a.configfile)
     kept = f", model-loading jobs with {a.min_cores:g} cores or more" if a.min_cores else ""
     print(f"{run}: projected on {m.device.name} vs measured, {a.time} seconds per rule{kept}")
     print(table.round(2).to_string(index=False))
