@@ -1,8 +1,8 @@
-"""Summarise the Snakemake ``benchmark:`` records of a run: wall seconds and peak RSS per rule.
+"""Summarise the Snakemake ``benchmark:`` records of a run: wall and CPU seconds and peak RSS per rule.
 
     python bench/rule_times.py [results/benchmarks] [--out results/bench/rule_times.tsv]
 
-Prints one row per rule (jobs, total and mean seconds, max peak RSS in MB) and the total, and
+Prints one row per rule (jobs, total and mean wall seconds, total CPU seconds, max peak RSS in MB) and the total, and
 saves the table. Rules run one after another on 2 cores in the default run, so the total is
 close to the pipeline's wall time (job start-up and scheduling are not included).
 """
@@ -19,12 +19,14 @@ def rule_times(folder: Path) -> pd.DataFrame:
     for tsv in sorted(folder.rglob("*.tsv")):
         record = pd.read_csv(tsv, sep="\t").iloc[-1]
         rule = tsv.relative_to(folder).parts[0].removesuffix(".tsv")
-        rows.append({"rule": rule, "s": float(record["s"]), "max_rss_mb": float(record["max_rss"])})
+        rows.append({"rule": rule, "s": float(record["s"]), "cpu_s": float(record["cpu_time"]),
+                     "max_rss_mb": float(record["max_rss"])})
     if not rows:
         raise SystemExit(f"{folder}: no benchmark records (run the workflow first)")
     frame = pd.DataFrame(rows)
     table = frame.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
-                                      peak_rss_mb=("max_rss_mb", "max")).sort_values("total_s", ascending=False)
+                                      cpu_s=("cpu_s", "sum"), peak_rss_mb=("max_rss_mb", "max"))
+    table = table.sort_values("total_s", ascending=False)
     return table.reset_index()
 
 

@@ -3,13 +3,14 @@ import os
 import re
 import shlex
 import sys
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
 from workflow.lib.config import ConfigError, is_workflow_output, validate_config  # noqa: E402
-from workflow.lib.jobs import generation_args, params_json, rule_resources, training_launcher  # noqa: E402
+from workflow.lib.jobs import generation_args, judge_backend, judge_spec, params_json, rule_resources, training_launcher  # noqa: E402
 from workflow.lib.presets import preference_beta, reads_subspace, reward_beta_r_values, sharpness_methods, uses_reward  # noqa: E402
 from workflow.lib.locks import clear_stale_locks, record_owner  # noqa: E402
 
@@ -111,9 +112,35 @@ def judge_threads(wildcards):
     return config["resources"][judge_group(wildcards.judge)]["threads"]
 
 
-def judge_resources():
-    """Per-judge resources of the judge rule: rule-based judges on CPU, LLM judges on a GPU."""
-    return {k: (lambda wc, k=k: config["resources"][judge_group(wc.judge)][k]) for k in ("mem_mb", "runtime", "gpu")}
+def judge_resources(files=1):
+    """Per-judge resources of a judge rule: rule-based judges on CPU, LLM judges on a GPU; a job judging
+    ``files`` answers files (llm_judge) gets the runtime limit once per file."""
+    def value(wc, k):
+        v = config["resources"][judge_group(wc.judge)][k]
+        return v * files if k == "runtime" else v
+    return {k: (lambda wc, k=k: value(wc, k)) for k in ("mem_mb", "runtime", "gpu")}
+
+
+# LLM judges on vLLM: their policies' answers are judged by rule llm_judge, several files per job
+BATCHED_JUDGES = [j for j in JUDGES if judge_backend(config, j) == "vllm"]
+
+
+def eval_group(wildcards):
+    """Cluster group of a judge job: a rule-based judgement goes with the generation job it reads (seconds of
+    CPU inside that allocation instead of a submission of its own); an LLM judgement is a job of its own."""
+    return "eval" if config["judges"][wildcards.judge]["type"] == "refusal_markers" else None
+
+
+def noise_rate_answers(wildcards):
+    """The answers files of every noise rate of one method, seed and benchmark (one llm_judge job)."""
+    return expand("results/generations/{method}/noise{noise}/seed{seed}/{benchmark}.jsonl", noise=NOISES, **wildcards)
+
+
+def noise_rate_tags(wildcards):
+    """The summary tags of each of those files, one shell-quoted JSON argument per noise rate."""
+    files = [SimpleNamespace(model=f"{wildcards.method}/noise{n}/seed{wildcards.seed}", benchmark=wildcards.benchmark)
+             for n in NOISES]
+    return " ".join(as_json(model_tags(f)) for f in files)
 
 
 def model_labels(wildcards):

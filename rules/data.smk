@@ -2,6 +2,15 @@
 # Decontamination runs both ways (docs/benchmarks.md): probe_data excludes the benchmarks declared in
 # probe.decontaminate_against; sample_benchmark drops from every benchmark the prompts the probe data used.
 # So no rule upstream of the probe reads a benchmark that is not declared, and adding one reruns nothing there.
+# On a cluster the seconds-long data jobs run where Snakemake runs (which can usually reach the hub), not as
+# submissions of their own (docs/cost.md); prepare_model is a job: it downloads and writes the whole model.
+
+localrules:
+    prepare_preferences,
+    inject_noise,
+    prepare_benchmark,
+    sample_benchmark,
+    probe_data,
 
 
 rule prepare_model:

@@ -1,6 +1,7 @@
 # Report stage: statistics (tables), figures, and one report page (results/report.{md,html}).
 # Only these rules depend on each other here, so `--forcerun report_tables` (or `report`) after a
-# finished run reruns the report rules and nothing upstream.
+# finished run reruns the report rules and nothing upstream. On a cluster the report rules (with
+# judge_agreement and plot_soft_labels) are one submission, group report (docs/cost.md).
 
 from workflow.lib.provenance import local_source_paths
 
@@ -42,6 +43,8 @@ rule report_tables:
         "results/logs/report_tables.log",
     benchmark:
         "results/benchmarks/report_tables.tsv"
+    group:
+        "report"
     conda:
         "../envs/report.yaml"
     shell:
@@ -70,6 +73,8 @@ rule perturbation_summary:
         "results/logs/perturbation_summary.log",
     benchmark:
         "results/benchmarks/perturbation_summary.tsv"
+    group:
+        "report"
     conda:
         "../envs/report.yaml"
     shell:
@@ -99,6 +104,8 @@ rule report_figures:
         "results/logs/report_figures.log",
     benchmark:
         "results/benchmarks/report_figures.tsv"
+    group:
+        "report"
     conda:
         "../envs/report.yaml"
     shell:
@@ -144,6 +151,8 @@ rule report:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
+    group:
+        "report"
     conda:
         "../envs/report.yaml"
     shell:

@@ -75,6 +75,8 @@ rule plot_soft_labels:
         "results/logs/plot_soft_labels.log",
     benchmark:
         "results/benchmarks/plot_soft_labels.tsv"
+    group:
+        "report"
     conda:
         "../envs/report.yaml"
     shell:

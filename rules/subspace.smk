@@ -1,4 +1,5 @@
-# Subspace stage: probe on a frozen model, then the neurons ShaPO perturbs.
+# Subspace stage: probe on a frozen model, then the neurons ShaPO perturbs. On a cluster both jobs are one
+# submission (group probe): the subspace selection only loads the model again (docs/cost.md).
 
 # probe.model: base = the frozen base model (official), start = the model policies start from (SFT when on).
 PROBE_MODEL = "results/models/base" if config["probe"]["model"] == "base" else start_model()
@@ -26,6 +27,8 @@ rule train_probe:
         "results/logs/train_probe.log",
     benchmark:
         "results/benchmarks/train_probe.tsv"
+    group:
+        "probe"
     conda:
         "../envs/torch.yaml"
     shell:
@@ -51,6 +54,8 @@ rule select_subspace:
         "results/logs/select_subspace.log",
     benchmark:
         "results/benchmarks/select_subspace.tsv"
+    group:
+        "probe"
     conda:
         "../envs/torch.yaml"
     shell:

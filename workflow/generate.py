@@ -43,6 +43,8 @@ from workflow.lib.textgen import (
     fit_prompt,
     generate_raw,
     prompt_budget,
+    require_vllm,
+    vllm_texts,
 )
 
 BACKENDS = ("transformers", "vllm")
@@ -101,24 +103,14 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return [finish_answer(r, stops) for r in raws]
 
 
-def require_vllm():
-    """The vllm module, or a clear error naming the config key."""
-    try:
-        import vllm
-    except ImportError:
-        raise SystemExit("config key evaluation.backend: 'vllm' needs the vllm package, which is not installed "
-                         "(pip install vllm on a GPU machine), or set evaluation.backend: transformers") from None
-    return vllm
-
-
 def raw_answers_vllm(model_dir: str, tokenizer, texts: list[str], max_new_tokens: int, settings: list[Sampling],
                      stops: list[str], dtype: torch.dtype, tensor_parallel_size: int = 1) -> list[list[str]]:
     """Raw continuations per sample through vLLM (it batches internally), on the same token ids as the
     transformers path (no BOS added: ``add_special_tokens=False``), in the same dtype, with the same
     stop strings; vLLM keeps the stop string in the text so that ``finish_answer`` makes the one cut.
     The model is split over ``tensor_parallel_size`` GPUs (config evaluation.tensor_parallel_size)."""
-    vllm = require_vllm()
-    ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    vllm = require_vllm("evaluation.backend")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     llm = vllm.LLM(model=model_dir, seed=settings[0].seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                    trust_remote_code=trusts_remote_code(model_dir))
     raws = []
@@ -127,7 +119,7 @@ def raw_answers_vllm(model_dir: str, tokenizer, texts: list[str], max_new_tokens
                                      include_stop_str_in_output=True,
                                      temperature=s.temperature if s.do_sample else 0.0,
                                      top_p=s.top_p if s.do_sample else 1.0)
-        raws.append([o.outputs[0].text for o in llm.generate(ids, params)])
+        raws.append(vllm_texts(llm, ids, params))
     return raws
 
 

@@ -7,6 +7,11 @@
     python -m workflow.judge --judge llama_guard_3_8b \
         --judge-spec-json '{"type": "llama_guard_3", "model": "meta-llama/Llama-Guard-3-8B"}' ...
 
+Several answers files at once (``--answers``, ``--tags-json``, ``--labels`` and ``--summary`` each take one
+entry per file, in the same order): an LLM judge then loads its model once for all of them. The workflow does
+that for LLM judges on vLLM (the ``llm_judge`` rule: every noise rate of one method, seed and benchmark); a
+file's labels do not depend on the files judged with it, as far as the engine's batching lets them.
+
 ``refusal_markers`` is the offline default judge, in the style of the refusal-string evaluations of AdvBench
 (Zou et al. 2023) and HarmBench: an answer counts as a refusal when it contains one of
 ``REFUSAL_MARKERS`` (case-insensitive), plus the judge entry's own ``markers`` (``builtin_markers: false``:
@@ -93,6 +98,17 @@ def label_answers(rows: list[dict], judge: str, spec: dict, markers: tuple[str, 
     return labelled
 
 
+def label_files(files: list[list[dict]], judge: str, spec: dict, markers: tuple[str, ...] = REFUSAL_MARKERS
+                ) -> list[list[dict]]:
+    """``label_answers`` of several answers files in one go (one model load), split back per file."""
+    labelled = label_answers([r for rows in files for r in rows], judge, spec, markers)
+    out, start = [], 0
+    for rows in files:
+        out.append(labelled[start:start + len(rows)])
+        start += len(rows)
+    return out
+
+
 def summarise(rows: list[dict], tags: dict, judge: str, judge_type: str = "refusal_markers") -> dict:
     """The judge summary: tags (method, noise, seed, benchmark, kind), the judge's name and type (the tables
     label its rates by it), overall and per-category rates."""
@@ -117,24 +133,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--judge", default="refusal_markers", help="the judge's name (config judges:)")
     p.add_argument("--judge-spec-json", default='{"type": "refusal_markers"}',
-                   help="the judge's config entry: type (%s), model, max_new_tokens, batch_size, ..."
+                   help="the judge's config entry: type (%s), model, max_new_tokens, batch_size, backend, ..."
                    % ", ".join(JUDGE_TYPES))
-    p.add_argument("--answers", required=True)
-    p.add_argument("--tags-json", default="{}", help="labels copied into the summary (method, noise, seed, benchmark)")
-    p.add_argument("--labels", required=True)
-    p.add_argument("--summary", required=True)
+    p.add_argument("--answers", required=True, nargs="+", help="answers files (results/generations/...)")
+    p.add_argument("--tags-json", default=["{}"], nargs="+",
+                   help="per answers file: labels copied into its summary (method, noise, seed, benchmark)")
+    p.add_argument("--labels", required=True, nargs="+", help="per answers file: its labelled answers")
+    p.add_argument("--summary", required=True, nargs="+", help="per answers file: its summary")
     a = p.parse_args(argv)
+    tags = a.tags_json * len(a.answers) if a.tags_json == ["{}"] else a.tags_json
+    if not len(a.answers) == len(tags) == len(a.labels) == len(a.summary):
+        raise SystemExit(f"--answers, --tags-json, --labels and --summary take one entry per answers file: got "
+                         f"{len(a.answers)}, {len(tags)}, {len(a.labels)} and {len(a.summary)}")
 
     spec = fill_defaults(json.loads(a.judge_spec_json), f"judges/{a.judge}")  # type checked against JUDGE_TYPES
-    rows = read_jsonl(a.answers)
-    check_answers(rows, a.answers)
-    if spec["type"] != "refusal_markers":
-        check_fields(rows, spec["type"], a.answers)
-    labelled = label_answers(rows, a.judge, spec, judge_markers(spec))
-    summary = summarise(labelled, json.loads(a.tags_json), a.judge, spec["type"])
-    write_jsonl(a.labels, labelled)
-    write_json(a.summary, summary)
-    print(json.dumps(summary))
+    files = [read_jsonl(path) for path in a.answers]
+    for rows, path in zip(files, a.answers):
+        check_answers(rows, path)
+        if spec["type"] != "refusal_markers":
+            check_fields(rows, spec["type"], path)
+    for labelled, tag, labels, summary_path in zip(label_files(files, a.judge, spec, judge_markers(spec)), tags,
+                                                   a.labels, a.summary):
+        summary = summarise(labelled, json.loads(tag), a.judge, spec["type"])
+        write_jsonl(labels, labelled)
+        write_json(summary_path, summary)
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,15 @@ def check_names(config: dict) -> None:
 
 
 def check_backend(config: dict) -> None:
-    if config["evaluation"]["backend"] == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("config key evaluation.backend: 'vllm' needs the vllm package, which is not installed"
-                          " (pip install vllm on a GPU machine), or set evaluation.backend: transformers")
+    """vLLM is installed where generation or an LLM judge uses it. Not checked while ``workflow.plan`` reads
+    the DAG (it sets SHAPO_PLAN): a run is projected where it does not run, e.g. on a login node without vLLM."""
+    if os.environ.get("SHAPO_PLAN") or importlib.util.find_spec("vllm") is not None:
+        return
+    keys = ["evaluation.backend"] if config["evaluation"]["backend"] == "vllm" else []
+    keys += [f"judges.{j}.backend" for j in config["evaluation"]["judges"] if config["judges"][j].get("backend") == "vllm"]
+    if keys:
+        raise ConfigError(f"config key {keys[0]}: 'vllm' needs the vllm package, which is not installed"
+                          " (pip install vllm on a GPU machine), or set it to transformers")
 
 
 def check_evaluation(config: dict) -> None:

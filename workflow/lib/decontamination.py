@@ -69,7 +69,8 @@ def decontaminate(texts: list[str], excluded: dict[str, list[str]]) -> tuple[lis
     removed = {name: 0 for name in excluded}
     kept = []
     for t in texts:
-        hits = [name for name, b in banned.items() if normalise(t) in b]
+        key = normalise(t)  # once per text, not once per set: 8 sets made it 1.3 of probe_data's 3.8 CPU s
+        hits = [name for name, b in banned.items() if key in b]
         for name in hits:
             removed[name] += 1
         if not hits:

@@ -78,3 +78,18 @@ def generation_args(config: dict) -> str:
             f" --samples {e['samples']} --stop-json {shlex.quote(json.dumps(e['stop']))}")
     args += f" --tensor-parallel-size {e['tensor_parallel_size']}" if e["backend"] == "vllm" else ""
     return args + (f" --do-sample --temperature {e['temperature']} --top-p {e['top_p']}" if e["do_sample"] else "")
+
+
+def judge_backend(config: dict, judge: str) -> str | None:
+    """The engine of an LLM judge: its entry's ``backend``, else evaluation.backend (None for a rule-based judge)."""
+    spec = config["judges"][judge]
+    if spec["type"] == "refusal_markers":
+        return None
+    return spec.get("backend") or config["evaluation"]["backend"]
+
+
+def judge_spec(config: dict, judge: str) -> dict:
+    """A judge's config entry as its jobs receive it: with ``backend: vllm`` filled in when it follows
+    evaluation.backend there (a transformers judge's entry is passed unchanged, so its jobs' params are too)."""
+    spec = config["judges"][judge]
+    return {**spec, "backend": "vllm"} if judge_backend(config, judge) == "vllm" else spec

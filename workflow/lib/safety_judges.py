@@ -343,16 +343,13 @@ def encode_check(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 
 # --- runner ---------------------------------------------------------------------------------------
 
-def load_judge(spec: dict, name: str):
-    """(model, tokenizer) of a judge: hub id or local folder, safetensors, GPU when there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer_checked(spec: dict, name: str):
+    """The judge's tokenizer (hub id or local folder), left-padding, with a pad token; a judge prompted
+    through a chat template must have one."""
+    from transformers import AutoTokenizer
 
-    remote = spec["trust_remote_code"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=remote)
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=spec["dtype"],
-                                                     use_safetensors=True, trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=spec["trust_remote_code"])
     except (OSError, ValueError) as e:
         raise SystemExit(f"config key judges.{name}.model: could not load {spec['model']!r} ({e})") from None
     if judge_type(spec["type"]).chat_template and not tokenizer.chat_template:
@@ -361,28 +358,79 @@ def load_judge(spec: dict, name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_judge(spec: dict, name: str):
+    """(model, tokenizer) of a judge: hub id or local folder, safetensors, GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer_checked(spec, name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=spec["dtype"], use_safetensors=True,
+                                                     trust_remote_code=spec["trust_remote_code"])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"config key judges.{name}.model: could not load {spec['model']!r} ({e})") from None
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def judge_inputs(tokenizer, spec: dict, rows: list[dict]) -> tuple[list[str], bool]:
+    """The judge's input texts of ``rows`` and ``add_special_tokens`` for them (``bos_flag``): what either
+    backend tokenises, so that both see the same token ids."""
+    texts = [judge_input(tokenizer, spec, r) for r in rows]
+    return texts, bos_flag(tokenizer, texts)
+
+
+def backend_of(spec: dict) -> str:
+    """The judge's backend: its entry's ``backend`` (the rule fills in evaluation.backend), else transformers."""
+    return spec.get("backend") or "transformers"
+
+
+def outputs_transformers(spec: dict, name: str, rows: list[dict]) -> list[str]:
+    """Greedy outputs through transformers' generate, ``batch_size`` inputs at a time."""
+    from workflow.lib.textgen import generate_texts
+
+    model, tokenizer = load_judge(spec, name)
+    texts, add_special = judge_inputs(tokenizer, spec, rows)
+    encode_check(tokenizer, texts[0], add_special)  # one template for all: the first input shows the BOS
+    outputs, _ = generate_texts(model, tokenizer, texts, max_new_tokens(spec), spec["batch_size"],
+                                desc=f"judge {name}", add_special_tokens=add_special)
+    return outputs
+
+
+def vllm_sampling(vllm, spec: dict):
+    """Greedy decoding of the type's (or the entry's) output length, as the transformers path."""
+    return vllm.SamplingParams(max_tokens=max_new_tokens(spec), temperature=0.0, top_p=1.0)
+
+
+def outputs_vllm(spec: dict, name: str, rows: list[dict]) -> list[str]:
+    """Greedy outputs through vLLM on the token ids the transformers path would feed ``generate`` (the same
+    text, exactly one BOS: ``encode_check`` on every input), cut and stripped as ``generate_texts`` does
+    (no stop strings: only stripping). One engine serves every row, of every answers file of the job."""
+    from workflow.lib.textgen import finish_answer, require_vllm, vllm_texts
+
+    vllm = require_vllm(f"judges.{name}.backend")
+    tokenizer = load_tokenizer_checked(spec, name)
+    texts, add_special = judge_inputs(tokenizer, spec, rows)
+    ids = [encode_check(tokenizer, t, add_special) for t in texts]
+    llm = vllm.LLM(model=spec["model"], dtype=spec["dtype"], trust_remote_code=spec["trust_remote_code"], seed=0)
+    return [finish_answer(t, ()) for t in vllm_texts(llm, ids, vllm_sampling(vllm, spec))]
 
 
 def run_llm_judge(rows: list[dict], spec: dict, name: str) -> list[dict]:
     """Verdict of each row (prompt, answer, and the fields its type reads): label, judge_output (raw text),
     judge_categories, judge_score. ``spec`` is the judge's config entry; keys left out take the schema's
-    defaults, ``max_new_tokens`` the type's."""
+    defaults, ``max_new_tokens`` the type's; ``backend`` (transformers or vllm) picks the engine."""
     from workflow.lib.config import fill_defaults
-    from workflow.lib.textgen import generate_texts
 
     spec = fill_defaults(spec, f"judges/{name}")
     check_fields(rows, spec["type"], f"judge {name}")
     if not rows:
         return []
-    model, tokenizer = load_judge(spec, name)
-    texts = [judge_input(tokenizer, spec, r) for r in rows]
-    add_special = bos_flag(tokenizer, texts)
-    encode_check(tokenizer, texts[0], add_special)  # one template for all: the first input shows the BOS
-    outputs, _ = generate_texts(model, tokenizer, texts, max_new_tokens(spec), spec["batch_size"],
-                                desc=f"judge {name}", add_special_tokens=add_special)
+    run = outputs_vllm if backend_of(spec) == "vllm" else outputs_transformers
     verdicts = []
-    for out in outputs:
+    for out in run(spec, name, rows):
         parsed = parse_output(spec["type"], out)
         verdicts.append({"label": parsed["label"], "judge_output": out, "judge_categories": parsed["categories"],
                          "judge_score": parsed.get("score")})

@@ -168,3 +168,23 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batc
     raws, counts = generate_raw(model, tokenizer, texts, max_new_tokens, batch_size, sampling=sampling, stop=stop,
                                 desc=desc, add_special_tokens=add_special_tokens)
     return [finish_answer(r, stop) for r in raws], counts
+
+
+# --- vLLM (workflow.generate and the LLM judges; optional, GPU machines) ---------------------------------
+
+def require_vllm(key: str = "evaluation.backend"):
+    """The vllm module, or a clear error naming the config key that asked for it."""
+    try:
+        import vllm
+    except ImportError:
+        raise SystemExit(f"config key {key}: 'vllm' needs the vllm package, which is not installed "
+                         "(pip install vllm on a GPU machine), or set it to transformers") from None
+    return vllm
+
+
+def vllm_texts(llm, token_ids: list[list[int]], params) -> list[str]:
+    """vLLM's continuation of each prompt, given as token ids (so that vLLM tokenises nothing itself: the
+    ids are exactly those the transformers path feeds ``generate``), in input order. vLLM batches internally
+    (continuous batching) and drops special tokens from the text, as ``generate_raw`` does."""
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
+    return [o.outputs[0].text for o in outputs]
