@@ -15,8 +15,8 @@ from conftest import ROOT, copy_run, jobs_run, run_snakemake
 from workflow import figures, stats
 from workflow.report import claim_statement
 
-SECTIONS = ["What the numbers say", "Main table", "Comparisons with dpo", "Is the perturbation effective?", "Figures",
-            "Per-category rates",
+SECTIONS = ["Verdicts", "Headline figures", "What the numbers say", "Main table", "Held-out preference accuracy",
+            "Comparisons with dpo", "Is the perturbation effective?", "More figures", "Per-category rates",
             "Judge agreement", "Probe, subspace and decontamination", "Training data and label noise",
             "Provenance", "Configuration"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,14 @@ def test_report_renders_from_the_tiny_run(reference_run):
     assert (comp["diff"] == 0).all() and (comp.p_holm == 1).all() and not comp.significant.any()
     assert len(pd.read_csv(workdir / "results/tables/mcnemar_by_seed.csv")) == 4
     assert "The paper's claim (shapo lowers the harmful rate under label noise relative to dpo) is not shown" in md
-    assert "the sample is too small" in md
+    # identical outcomes: no discordant prompt, so no detectable difference can be estimated (one MDD formula)
+    assert "The smallest difference it could detect is not estimable" in md and "1.96" not in md
+    # the verdict panel leads: the first section, before any table of numbers
+    assert md.index("## Verdicts") < md.index("## Headline figures") < md.index("## Main table")
+    panel = md.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
+    assert "| question | compared | status | result | 95% CI | why |" in panel
+    assert "| Does training work? | dpo ε = 0 vs base model: held-out accuracy | shown | 0.500 → 1.000 (+0.500) |" in panel
+    assert "| Is shapo's perturbation effective? | its sharpness-aware steps (medians) | not estimable |" in panel
     # provenance: the fixture file's real sha256, the model's provenance, package versions, the config itself
     fixture = ROOT / "tests/fixtures/harmbench.csv"
     assert hashlib.sha256(fixture.read_bytes()).hexdigest() in md
@@ -101,9 +108,9 @@ def test_over_refusal_benchmark_is_a_refusal_rate_and_gets_the_scatter(reference
     assert_valid_png(tmp_path / "figures/refusal_vs_harmful.png")
 
 
-def comparison(method, noise, diff, p_holm, kind="harmful", bench="harmbench"):
+def comparison(method, noise, diff, p_holm, kind="harmful", bench="harmbench", mdd80=0.05):
     return dict(method=method, reference="dpo", noise=noise, benchmark=bench, kind=kind, diff=diff,
-                ci_low=diff - 0.05, ci_high=diff + 0.05, p_holm=p_holm, significant=p_holm < 0.05)
+                ci_low=diff - 0.05, ci_high=diff + 0.05, p_holm=p_holm, significant=p_holm < 0.05, mdd80=mdd80)
 
 
 RATES = pd.DataFrame({"method": ["base", "dpo", "shapo"], "seeds": [1, 3, 3], "prompts": [400, 400, 400]})
@@ -111,17 +118,20 @@ RATES = pd.DataFrame({"method": ["base", "dpo", "shapo"], "seeds": [1, 3, 3], "p
 
 def test_claim_statement_follows_the_numbers():
     supported = pd.DataFrame([comparison("shapo", 0.0, 0.0, 1.0), comparison("shapo", 0.4, -0.2, 0.001)])
-    text = claim_statement(supported, RATES, "dpo", "shapo", 0.05)
+    text = claim_statement(supported, RATES, "dpo", "shapo", 0.05, 0.95)
     assert "is supported by this run" in text and "significantly lower harmful rate than dpo on harmbench at ε = 0.4" \
         in text and "too small" not in text
     against = pd.DataFrame([comparison("shapo", 0.4, 0.2, 0.01)])
-    assert "is contradicted by this run" in claim_statement(against, RATES, "dpo", "shapo", 0.05)
+    assert "is contradicted by this run" in claim_statement(against, RATES, "dpo", "shapo", 0.05, 0.95)
     null = pd.DataFrame([comparison("shapo", 0.4, -0.02, 0.6), comparison("ipo", 0.4, 0.01, 0.9)])
-    text = claim_statement(null, RATES, "dpo", "shapo", 0.05)
+    text = claim_statement(null, RATES, "dpo", "shapo", 0.05, 0.95)
     assert "is not shown by this run" in text and "no difference in harmful rate between ipo and dpo" in text
-    small = RATES.assign(prompts=3, seeds=1)
-    assert "the sample is too small" in claim_statement(null, small, "dpo", "shapo", 0.05)
-    assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05)
+    # the detectable difference is the comparisons' own mdd80 (one formula), at the configured α and level
+    wide = pd.DataFrame([comparison("shapo", 0.4, -0.02, 0.6, mdd80=0.31), comparison("shapo", 0.0, 0.0, 1, mdd80=0.41)])
+    text = claim_statement(wide, RATES, "dpo", "shapo", 0.1, 0.9)
+    assert "must be about 0.36 (median; 0.31–0.41 over 2 comparisons) or larger" in text
+    assert "two-sided α = 0.1" in text and "90% CIs" in text and "the sample is too small" in text and "95%" not in text
+    assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05, 0.95)
 
 
 def test_full_config_covers_every_preset_and_benchmark_and_dry_runs(tmp_path):
