@@ -2,17 +2,24 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import browser
 import matplotlib.image
 import pandas as pd
+import pytest
 import yaml
+from filelock import FileLock
 from PIL import Image
 
 from conftest import ROOT, copy_run, jobs_run, run_snakemake
 from workflow import figures, stats
+from workflow.lib.captions import figure_captions, table_captions
 from workflow.report import claim_statement
 
 SECTIONS = ["Verdicts", "Headline figures", "What the numbers say", "Main table", "Held-out preference accuracy",
@@ -184,3 +191,82 @@ def test_optional_sections_judge_agreement_and_reward_level(reference_run, tmp_p
     assert "One judge only" not in md
     # figures are linked relative to the report's own folder
     assert f"]({os.path.relpath(run / 'results/figures/training_curves.png', tmp_path / 'out')})" in md
+
+
+# ------------------------------------------------------------------------------ true at any setting; real readers
+@pytest.fixture(scope="session")
+def report_at_90(reference_run, tmp_path_factory):
+    """The reference run with report.ci_level 0.9 and α 0.1, rerun to the report (only the report rules rerun);
+    then `snakemake --report report.zip` on it. Shared by every worker, like the reference run."""
+    from conftest import SharedRun, session_dir
+
+    config = yaml.safe_load((reference_run[0] / "config.yaml").read_text())
+    config["report"].update(ci_level=0.9, alpha=0.1)
+    workdir, proc = SharedRun(session_dir(tmp_path_factory) / "report-at-90").start_once(
+        config, copy_of=reference_run[0]).result()
+    with FileLock(f"{workdir}.zip.lock"):
+        if not (workdir / "report.zip").exists():
+            run_snakemake(workdir, "--report", "report.zip")
+    return workdir, proc
+
+
+def png_caption(path) -> str:
+    with Image.open(path) as img:
+        return img.text.get("Description", "")
+
+
+def test_the_configured_ci_level_and_alpha_reach_every_page_header_and_caption(report_at_90):
+    """ci_level 0.9: "90%" on every page that shows a CI, in every table header and figure caption that names one,
+    and "95%" nowhere; α 0.1 wherever significance is stated."""
+    workdir, proc = report_at_90
+    assert {"report_tables", "report_figures", "report"} <= set(jobs_run(proc))
+    results = workdir / "results"
+    pages = {p.relative_to(results): p.read_text() for p in [results / "report.md", results / "report.html",
+                                                             *sorted((results / "tables").glob("*.md"))]}
+    for name, text in pages.items():
+        assert "95%" not in text, f"{name} names 95%"
+        if "CI" in text:
+            assert "90%" in text, f"{name} shows a CI but not its level"
+    headers = re.findall(r"<th>(.*?)</th>", pages[Path("report.html")])
+    assert [h for h in headers if "CI" in h] and all("90% CI" in h for h in headers if "CI" in h), headers
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", pages[Path("report.html")])
+    figures_shown = sorted(results.glob("figures/*.png"))
+    assert len(captions) == len(figures_shown) >= 5
+    for caption in captions + [png_caption(p) for p in figures_shown]:
+        assert "95%" not in caption and ("CI" not in caption or "90% bootstrap CI" in caption), caption
+    assert "90% bootstrap CI" in png_caption(results / "figures/harmful_rate_vs_noise.png")
+    md = pages[Path("report.md")]
+    assert "α = 0.1" in md and "α = 0.05" not in md and "Holm p < 0.1 / 0.02 / 0.002" in md
+    assert "z₀.₉₇₅" not in md and "1.96" not in md
+
+
+def test_snakemake_report_holds_the_tables_and_figures_with_their_captions(report_at_90):
+    """`snakemake --report report.zip` on the tiny run: every report figure and the main tables are inside, each
+    with its caption (at the run's CI level)."""
+    workdir, _ = report_at_90
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        names = {Path(n).name for n in z.namelist()}
+        page = z.read("report/report.html").decode()
+    figures_made = {p.name for p in (workdir / "results/figures").glob("*.png")}
+    tables = {"harmful_rate.csv", "comparisons.csv", "categories.csv", "preference_accuracy.csv",
+              "preference_comparisons.csv", "perturbation.csv", "report.html"}
+    assert figures_made | tables <= names, sorted(figures_made | tables - names)
+    for caption in (figure_captions(0.9)["harmful_rate_vs_noise"], table_captions(0.9, 0.1)["comparisons"]):
+        assert json.dumps(f"<p>{caption}</p>")[1:-1] in page, caption
+
+
+@pytest.mark.skipif(browser.skip_reason() is not None, reason=str(browser.skip_reason()))
+def test_the_report_page_in_a_real_browser(reference_run):
+    """Headless Chromium, 1400 x 900: every image loads, the console shows no error, and the verdict panel is on
+    the first screen, above the headline figures."""
+    page_path = reference_run[0] / "results/report.html"
+    where = {"verdicts": "document.querySelector('table.verdicts').getBoundingClientRect().top",
+             "first_figure": "document.querySelector('figure').getBoundingClientRect().top",
+             "figures": "document.querySelectorAll('figure img').length"}
+    with browser.Chromium() as chromium:
+        page = chromium.load(page_path, 1400, 900, where)
+    assert page.images and all(i["complete"] and i["width"] > 0 for i in page.images), page.images
+    assert len(page.images) == page.values["figures"] == page_path.read_text().count("data:image/png;base64,")
+    assert page.errors == []
+    assert page.values["verdicts"] < 900 and page.values["verdicts"] < page.values["first_figure"]
+    assert page.screenshot.startswith(b"\x89PNG")
