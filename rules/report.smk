@@ -2,7 +2,6 @@
 # Only these rules depend on each other here, so `--forcerun report_tables` (or `report`) after a
 # finished run reruns the report rules and nothing upstream.
 
-from workflow.lib.captions import figure_captions, table_captions
 from workflow.lib.provenance import local_source_paths
 
 REPORT = config["report"]
@@ -19,24 +18,6 @@ STATS_TABLES = ["harmful_rate.csv", "harmful_rate.md", "rates_by_judge.csv", "co
                 "mcnemar_by_seed.csv", "categories.csv"] + (
     ["preference_accuracy.csv", "preference_accuracy.md", "preference_comparisons.csv", "preference_comparisons.md"]
     if PREFERENCES_SCORED else [])
-# `snakemake --report report.zip`: these outputs are flagged with report(), each with its caption. The caption
-# texts come from workflow/lib/captions.py (as on the report page, at the configured CI level and α); each
-# rules/captions/<name>.rst only prints the rule's params.captions[<name>].
-CAPTIONS = figure_captions(REPORT["ci_level"], REPORT["inert_effective_fraction"], REPORT["inert_cosine_gap"]) | \
-    table_captions(REPORT["ci_level"], REPORT["alpha"])
-
-
-def in_report(path, category):
-    """``path`` flagged for Snakemake's report, captioned by rules/captions/<its name>.rst."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    return report(path, caption=f"captions/{name}.rst", category=category) if name in CAPTIONS else path
-
-
-def captions_of(paths):
-    """The captions of the flagged ``paths``: the params their caption files print."""
-    return {n: CAPTIONS[n] for n in (os.path.splitext(os.path.basename(p))[0] for p in paths) if n in CAPTIONS}
-
-
 REPORT_TABLES = [f"results/tables/{t}" for t in STATS_TABLES]
 REPORT_FIGURE_FILES = expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"])
 
