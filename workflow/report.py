@@ -475,7 +475,7 @@ def judge_section(doc: Document, run: Run, agreement: str | None) -> None:
     if not agreement:
         doc.text(f"One judge only ({run.judge}): no agreement to report.")
         return
-    doc.table(pd.read_csv(agreement), "Pairwise agreement and Cohen's kappa per benchmark.")
+    doc.table(pd.read_csv(agreement).round(3), "Pairwise agreement and Cohen's kappa per benchmark.")
     by_judge = pd.read_csv(run.tables / "rates_by_judge.csv")
     by_judge = by_judge.assign(noise=by_judge.noise.map(fmt_noise), rate=by_judge.rate.map(lambda r: f"{r:.3f}"))
     doc.table(by_judge.pivot_table(index=["method", "noise", "benchmark"], columns="judge", values="rate",
