@@ -1,4 +1,5 @@
-"""Assemble results/report.md and results/report.html: every table and figure, provenance and a plain verdict.
+"""Assemble results/report.md and results/report.html: the verdicts and headline figures first, then every table and
+figure, provenance and the config.
 
     python -m workflow.report --config-json '{...}' --tables results/tables --figures results/figures/*.png \
         --model-provenance results/models/base/provenance.json --probe-metrics ... --decontamination ... \
@@ -6,10 +7,12 @@
         --markdown results/report.md --html results/report.html
 
 The tables come from ``workflow.stats`` and the figures from ``workflow.figures``; this module only
-reads, formats and writes. The HTML page is self-contained (figures embedded as base64 PNG, the PDF
-next to each PNG is linked by relative path); report.md links the figures by relative path.
-The paragraph "What the numbers say" is written by ``claim_statement`` from the comparisons table; the
-section "Is the perturbation effective?" from ``workflow.perturbation``'s table (``--perturbation``).
+reads, formats and writes, one small function per section (``build`` lists them in page order). The verdict panel
+is ``workflow.lib.verdicts``; the page's blocks render through ``workflow.lib.document`` (self-contained HTML, the
+figures embedded as base64 PNG and the PDF beside each linked; report.md links the figures by relative path).
+"What the numbers say" is written by ``preconditions_statement`` and ``claim_statement`` from the comparison
+tables; "Is the perturbation effective?" from ``workflow.perturbation``'s table (``--perturbation``). The CI level,
+α and the numerical-identity tolerance are the config's ``report`` section.
 """
 from __future__ import annotations
 
