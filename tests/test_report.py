@@ -67,12 +67,12 @@ def test_report_renders_from_the_tiny_run(reference_run):
     assert len(pd.read_csv(workdir / "results/tables/mcnemar_by_seed.csv")) == 4
     assert "The paper's claim (shapo lowers the harmful rate under label noise relative to dpo) is not shown" in md
     # identical outcomes: no discordant prompt, so no detectable difference can be estimated (one MDD formula)
-    assert "The smallest difference it could detect is not estimable" in md and "1.96" not in md
+    assert "The smallest difference it could detect is not estimable" in md and "1.96·√" not in md
     # the verdict panel leads: the first section, before any table of numbers
     assert md.index("## Verdicts") < md.index("## Headline figures") < md.index("## Main table")
     panel = md.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
-    assert "| question | compared | status | result | 95% CI | why |" in panel
-    assert "| Does training work? | dpo ε = 0 vs base model: held-out accuracy | shown | 0.500 → 1.000 (+0.500) |" in panel
+    assert "| question | compared (↑ ↓: the direction asked) | status | result | 95% CI | why |" in panel
+    assert "| Does training work? | dpo ε = 0 vs base: held-out accuracy ↑ | shown | 0.500 → 1.000 (+0.500) |" in panel
     assert "| Is shapo's perturbation effective? | its sharpness-aware steps (medians) | not estimable |" in panel
     # provenance: the fixture file's real sha256, the model's provenance, package versions, the config itself
     fixture = ROOT / "tests/fixtures/harmbench.csv"
@@ -237,7 +237,7 @@ def test_the_configured_ci_level_and_alpha_reach_every_page_header_and_caption(r
     assert "90% bootstrap CI" in png_caption(results / "figures/harmful_rate_vs_noise.png")
     md = pages[Path("report.md")]
     assert "α = 0.1" in md and "α = 0.05" not in md and "Holm p < 0.1 / 0.02 / 0.002" in md
-    assert "z₀.₉₇₅" not in md and "1.96" not in md
+    assert "z₀.₉₇₅" not in md and "1.96·√" not in md
 
 
 def test_snakemake_report_holds_the_tables_and_figures_with_their_captions(report_at_90):

@@ -55,17 +55,18 @@ def test_default_run_training_and_noise_shown_shapo_identical_and_inert():
     statuses = [v.status for v in rows]
     assert statuses == [SHOWN, SHOWN] + [NOT_SHOWN] * 6 + [INERT]
     training = rows[0]
-    assert (training.question, training.compared) == ("Does training work?", "dpo ε = 0 vs base model: held-out accuracy")
+    assert (training.question, training.compared) == ("Does training work?", "dpo ε = 0 vs base: held-out accuracy ↑")
     assert training.result == "0.500 → 0.633 (+0.133)" and training.ci == "[+0.047, +0.219]"
-    assert rows[1].ci == "[-0.266, -0.078]" and rows[1].compared == "dpo ε = 0.4 vs ε = 0: held-out accuracy"
+    assert rows[1].ci == "[-0.266, -0.078]" and rows[1].compared == "dpo ε = 0.4 vs ε = 0: held-out accuracy ↓"
     claim = rows[2]
-    assert (claim.question, claim.compared) == ("Does shapo beat dpo?", "ε = 0: held-out accuracy (higher is better)")
+    assert (claim.question, claim.compared) == ("Does shapo beat dpo?", "ε = 0: held-out accuracy ↑")
     assert "numerically identical (within 0.0001)" in claim.basis and "trains as dpo" in claim.basis
-    harm = by_compared(rows)["ε = 0.4: harmful rate, harmbench (lower is better)"]
+    assert "inert" not in rows[3].basis  # said once, on the first line of the claim
+    harm = by_compared(rows)["ε = 0.4: harmful rate, harmbench ↓"]
     assert harm.status == NOT_SHOWN and harm.result == "0.500 → 0.500 (+0.000)"
     assert rows[-1].question == "Is shapo's perturbation effective?" and "5.2e-12" in rows[-1].result
     frame = verdict_frame(rows, "90% CI")
-    assert list(frame.columns) == ["question", "compared", "status", "result", "90% CI", "why"] and len(frame) == 9
+    assert list(frame.columns) == ["question", "compared (↑ ↓: the direction asked)", "status", "result", "90% CI", "why"] and len(frame) == 9
     # a question asked on several lines is named once
     assert frame.question.tolist()[2:9] == ["Does shapo beat dpo?"] + [""] * 5 + ["Is shapo's perturbation effective?"]
 
@@ -78,11 +79,11 @@ def test_a_claim_shown_where_it_beats_the_reference_and_not_where_it_is_worse():
     effective = INERT_SHAPO.assign(verdict="effective", cosine_gap=6e-5)
     every = verdicts(prefs, comp, effective, "dpo", "shapo", REP)
     rows = by_compared(every)
-    assert rows["ε = 0.4: held-out accuracy (higher is better)"].status == SHOWN
-    assert rows["ε = 0.4: harmful rate, harmbench (lower is better)"].status == SHOWN
-    worse = rows["ε = 0.4: harmful rate, advbench (lower is better)"]
+    assert rows["ε = 0.4: held-out accuracy ↑"].status == SHOWN
+    assert rows["ε = 0.4: harmful rate, harmbench ↓"].status == SHOWN
+    worse = rows["ε = 0.4: harmful rate, advbench ↓"]
     assert worse.status == NOT_SHOWN and worse.basis.startswith("significantly worse")
-    assert rows["ε = 0.4: over-refusal rate, xstest (lower is better)"].status == NOT_SHOWN
+    assert rows["ε = 0.4: over-refusal rate, xstest ↓"].status == NOT_SHOWN
     assert every[-1].status == SHOWN and every[-1].question == "Is shapo's perturbation effective?"
     assert every[0].status == NOT_ESTIMABLE and every[0].question == "Does training work?"  # no base-model row
 

@@ -18,8 +18,8 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0
          "h1{margin:0.2em 0}h2{margin:1em 0 0.3em}"
          "table.t{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
          "table.t td,table.t th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}"
-         "table.verdicts{font-size:0.9em}table.verdicts td{white-space:nowrap}table.verdicts td:last-child"
-         "{white-space:normal}table.verdicts td.status{font-weight:bold}"
+         "table.verdicts{font-size:0.9em}table.verdicts td.keep{white-space:nowrap}"
+         "table.verdicts td.status{font-weight:bold}"
          "tr.shown td.status{background:#d7f0d7}tr.not-shown td.status{background:#eee}"
          "tr.not-estimable td.status{background:#fbe9c6}tr.inert td.status{background:#f6d2d2}"
          "img{max-width:100%}figure{margin:0.5em 0}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.8em}"
@@ -131,10 +131,12 @@ class Document:
         """Each row's class is its status (the ``status`` column), so the status cell is coloured beside its word."""
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
         column = list(frame.columns).index("status")
+        # one line per verdict: only the question and the reason wrap
+        kinds = ["keep status" if c == "status" else "" if c in ("question", "why") else "keep" for c in frame.columns]
         rows = []
         for values in frame.itertuples(index=False):
-            cells = "".join(f'<td{" class=status" if i == column else ""}>{html.escape(str(v))}</td>'
-                            for i, v in enumerate(values))
+            cells = "".join((f'<td class="{k}">' if k else "<td>") + f"{html.escape(str(v))}</td>"
+                            for k, v in zip(kinds, values))
             rows.append(f'<tr class="{anchor(str(values[column]))}">{cells}</tr>')
         return (f'<table class="t verdicts"><thead><tr>{head}</tr></thead><tbody>' + "".join(rows)
                 + "</tbody></table>")

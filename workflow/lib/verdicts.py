@@ -69,7 +69,7 @@ def training_verdict(pref_comp: pd.DataFrame | None, reference: str, tolerance: 
         return Verdict(question, "", NOT_ESTIMABLE, basis=f"needs {reference} and the base model scored on the "
                                                           "held-out pairs")
     row = rows.iloc[0]
-    return _precondition(question, f"{reference} ε = {row.noise:g} vs base model: held-out accuracy", row, +1,
+    return _precondition(question, f"{reference} ε = {row.noise:g} vs base: held-out accuracy ↑", row, +1,
                          tolerance, f"CI above 0 ({int(row.pairs)} pairs × {int(row.seeds)} seed(s))")
 
 
@@ -80,7 +80,7 @@ def noise_verdicts(pref_comp: pd.DataFrame | None, reference: str, tolerance: fl
     rows = pref_comp[(pref_comp.comparison == "noise") & (pref_comp.metric == "accuracy")]
     if rows.empty:
         return [Verdict(question, "", NOT_ESTIMABLE, basis=f"needs {reference} at two noise rates")]
-    return [_precondition(question, f"{reference} ε = {r.noise:g} vs ε = {r.vs_noise:g}: held-out accuracy", r, -1,
+    return [_precondition(question, f"{reference} ε = {r.noise:g} vs ε = {r.vs_noise:g}: held-out accuracy ↓", r, -1,
                           tolerance, f"CI below 0 (the same {int(r.pairs)} clean pairs)") for _, r in rows.iterrows()]
 
 
@@ -104,19 +104,21 @@ def claim_verdicts(pref_comp: pd.DataFrame | None, comp: pd.DataFrame, reference
                    tolerance: float, inert_base: str | None = None) -> list[Verdict]:
     """Does ``claim`` beat ``reference`` at each noise rate: on held-out accuracy, then on each benchmark's rate
     (primary judge). ``inert_base``: the claim method's perturbation is inert and it trains as this method."""
+    # said once, on the first line of the claim: the lines below compare two runs of one loss
     note = "" if inert_base is None else f"; {claim}'s step is inert: it trains as {inert_base}"
     question = f"Does {claim} beat {reference}?"
     out = []
     acc = (pd.DataFrame() if pref_comp is None else
            pref_comp[(pref_comp.comparison == "method") & (pref_comp.metric == "accuracy") & (pref_comp.method == claim)])
     for _, r in acc.iterrows():
-        out.append(_method_verdict(question, f"ε = {r.noise:g}: held-out accuracy (higher is better)", r, +1, alpha,
-                                   tolerance, note, f"{r.value_vs:.3f} → {r.value:.3f} ({fmt_signed(r['diff'])})"))
+        out.append(_method_verdict(question, f"ε = {r.noise:g}: held-out accuracy ↑", r, +1, alpha,
+                                   tolerance, "" if out else note,
+                                   f"{r.value_vs:.3f} → {r.value:.3f} ({fmt_signed(r['diff'])})"))
     rates = comp[comp.method == claim] if len(comp) else comp
     for _, r in rates.sort_values(["noise", "benchmark"]).iterrows() if len(rates) else []:
         what = "harmful rate" if r.kind == "harmful" else "over-refusal rate"
-        out.append(_method_verdict(question, f"ε = {r.noise:g}: {what}, {r.benchmark} (lower is better)", r, -1,
-                                   alpha, tolerance, note,
+        out.append(_method_verdict(question, f"ε = {r.noise:g}: {what}, {r.benchmark} ↓", r, -1,
+                                   alpha, tolerance, "" if out else note,
                                    f"{r.rate_reference:.3f} → {r.rate_method:.3f} ({fmt_signed(r['diff'])})"))
     if not out:
         trained = (pref_comp is not None and claim in set(pref_comp.method)) or (len(comp) and claim in set(comp.method))
@@ -135,9 +137,8 @@ def perturbation_verdict(summary: pd.DataFrame | None, claim: str, fraction: flo
     if row.verdict == "no step":
         return Verdict(question, compared, NOT_ESTIMABLE,
                        basis=f"{claim} took no sharpness-aware step (interval {row.interval})")
-    result = (f"changed fraction {row.effective_fraction:.3g}, 1 − cos {row.cosine_gap:.3g} "
-              f"({int(row.steps)} steps)")
-    rule = f"inert when the fraction < {fraction:g} or 1 − cos < {gap:g}"
+    result = f"changed fraction {row.effective_fraction:.3g}; 1 − cos {row.cosine_gap:.3g}"
+    rule = f"{int(row.steps)} steps; inert when the fraction < {fraction:g} or 1 − cos < {gap:g}"
     if row.verdict == "inert":
         trains_as = f"; it trains as {row.base}" if isinstance(row.base, str) and row.base else ""
         return Verdict(question, compared, INERT, result, basis=rule + trains_as)
@@ -160,6 +161,6 @@ def verdicts(pref_comp: pd.DataFrame | None, comp: pd.DataFrame, summary: pd.Dat
 def verdict_frame(rows: list[Verdict], ci_header: str) -> pd.DataFrame:
     """The panel as a table; a question asked on several lines is named on its first only."""
     questions = [v.question if i == 0 or v.question != rows[i - 1].question else "" for i, v in enumerate(rows)]
-    return pd.DataFrame({"question": questions, "compared": [v.compared for v in rows],
+    return pd.DataFrame({"question": questions, "compared (↑ ↓: the direction asked)": [v.compared for v in rows],
                          "status": [v.status for v in rows], "result": [v.result for v in rows],
                          ci_header: [v.ci for v in rows], "why": [v.basis for v in rows]})
