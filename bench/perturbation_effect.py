@@ -41,7 +41,8 @@ def main(argv=None):
     import torch
 
     from workflow.lib.config import validate_config
-    from workflow.figures import plot_perturbation
+    from workflow.figures import plot_perturbation, save
+    from workflow.lib.captions import figure_captions
     from workflow.lib.files import read_jsonl, write_tsv
     from workflow.lib.models import load_model, load_tokenizer
     from workflow.lib.parallel import DataParallel
@@ -80,8 +81,9 @@ def main(argv=None):
                     "--table", str(out / "perturbation.csv"), "--markdown", str(out / "perturbation.md")],
                    check=True, cwd=ROOT)
     frames = [pd.read_csv(path, sep="\t").assign(method=m) for path, m in zip(logs, a.methods)]
-    plot_perturbation(pd.concat(frames), out / "perturbation_effect", rep["inert_effective_fraction"],
-                      rep["inert_cosine_gap"])
+    thresholds = rep["inert_effective_fraction"], rep["inert_cosine_gap"]
+    save(plot_perturbation(pd.concat(frames), *thresholds), out / "perturbation_effect",
+         figure_captions(rep["ci_level"], *thresholds)["perturbation_effect"])
 
 
 if __name__ == "__main__":

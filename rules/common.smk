@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 sys.path.insert(0, workflow.basedir)
+from workflow.lib.captions import figure_captions, table_captions  # noqa: E402
 from workflow.lib.config import ConfigError, is_workflow_output, validate_config  # noqa: E402
 from workflow.lib.jobs import generation_args, judge_backend, judge_spec, params_json, rule_resources, training_launcher  # noqa: E402
 from workflow.lib.presets import preference_beta, reads_subspace, reward_beta_r_values, sharpness_methods, uses_reward  # noqa: E402
@@ -172,6 +173,28 @@ def report_optional_inputs():
 
 def report_optional_args(wildcards, input):
     return " ".join(f"--{k.replace('_', '-')} {input[k]}" for k in ("judge_agreement", "reward_metrics") if k in input.keys())
+
+
+# `snakemake --report report.zip`: the report rules flag their tables and figures with in_report(), each with its
+# caption. The texts come from workflow/lib/captions.py (as on the report page, at the configured CI level and α);
+# rules/captions/<name>.rst prints the rule's params.captions[<name>] (captions_of gives that param).
+CAPTIONS = figure_captions(config["report"]["ci_level"], config["report"]["inert_effective_fraction"],
+                           config["report"]["inert_cosine_gap"]) | table_captions(config["report"]["ci_level"],
+                                                                                  config["report"]["alpha"])
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def in_report(path, category):
+    """``path`` flagged for Snakemake's report, captioned by rules/captions/<its name>.rst (when it has a caption)."""
+    return report(path, caption=f"captions/{_stem(path)}.rst", category=category) if _stem(path) in CAPTIONS else path
+
+
+def captions_of(paths):
+    """The captions of the flagged ``paths``: the param their caption files print."""
+    return {_stem(p): CAPTIONS[_stem(p)] for p in paths if _stem(p) in CAPTIONS}
 
 
 def final_outputs():

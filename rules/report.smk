@@ -19,6 +19,8 @@ STATS_TABLES = ["harmful_rate.csv", "harmful_rate.md", "rates_by_judge.csv", "co
                 "mcnemar_by_seed.csv", "categories.csv"] + (
     ["preference_accuracy.csv", "preference_accuracy.md", "preference_comparisons.csv", "preference_comparisons.md"]
     if PREFERENCES_SCORED else [])
+REPORT_TABLES = [f"results/tables/{t}" for t in STATS_TABLES]
+REPORT_FIGURE_FILES = expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"])
 
 
 rule report_tables:
@@ -27,14 +29,16 @@ rule report_tables:
         summaries=judgements("json"),
         preference_scores=expand("results/preference_scores/{model}.jsonl", model=["base"] + POLICIES) if PREFERENCES_SCORED else [],
     output:
-        expand("results/tables/{table}", table=STATS_TABLES),
+        [in_report(t, "Tables") if t.endswith(".csv") else t for t in REPORT_TABLES],
     params:
         folder=lambda wc, output: os.path.dirname(output[0]),
+        captions=captions_of(t for t in REPORT_TABLES if t.endswith(".csv")),
         primary=JUDGES[0],
         reference=REPORT["reference_method"],
         n_boot=REPORT["n_bootstrap"],
         level=REPORT["ci_level"],
         alpha=REPORT["alpha"],
+        tolerance=REPORT["identical_tolerance"],
         seed=REPORT["seed"],
     threads: config["resources"]["report"]["threads"]
     resources:
@@ -50,7 +54,7 @@ rule report_tables:
     shell:
         "python -m workflow.stats --judgements {input.labels} --primary-judge {params.primary}"
         " --reference-method {params.reference} --n-bootstrap {params.n_boot} --ci-level {params.level}"
-        " --alpha {params.alpha} --seed {params.seed} --tables {params.folder}"
+        " --alpha {params.alpha} --identical-tolerance {params.tolerance} --seed {params.seed} --tables {params.folder}"
         " --preference-scores {input.preference_scores} > {log} 2>&1"
 
 
@@ -58,9 +62,10 @@ rule perturbation_summary:
     input:
         train_logs=expand(rules.train_policy.output.log, method=SHARP_METHODS, noise=NOISES, seed=SEEDS),
     output:
-        table="results/tables/perturbation.csv",
+        table=in_report("results/tables/perturbation.csv", "Tables"),
         markdown="results/tables/perturbation.md",
     params:
+        captions=captions_of(["perturbation"]),
         # every preset: a method's base method (its preset without sharpness) is looked up among them
         presets=as_json(config["presets"]),
         methods=" ".join(SHARP_METHODS),
@@ -90,9 +95,11 @@ rule report_figures:
         subspace=rules.select_subspace.output.summary,
         preferences="results/tables/preference_accuracy.csv" if PREFERENCES_SCORED else [],
     output:
-        expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]),
+        [in_report(f, "Figures") if f.endswith(".png") else f for f in REPORT_FIGURE_FILES],
     params:
         folder=lambda wc, output: os.path.dirname(output[0]),
+        captions=captions_of(f for f in REPORT_FIGURE_FILES if f.endswith(".png")),
+        level=REPORT["ci_level"],
         scatter="--scatter" if "refusal_vs_harmful" in REPORT_FIGURES else "",
         preferences=lambda wc, input: f"--preferences {input.preferences}" if input.preferences else "",
         perturbation=(f"--perturbation --inert-effective-fraction {REPORT['inert_effective_fraction']}"
@@ -110,7 +117,8 @@ rule report_figures:
         "../envs/report.yaml"
     shell:
         "python -m workflow.figures --rates {input.rates} --train-logs {input.train_logs}"
-        " --subspace {input.subspace} --figures {params.folder} {params.scatter} {params.preferences}"
+        " --subspace {input.subspace} --figures {params.folder} --ci-level {params.level} {params.scatter}"
+        " {params.preferences}"
         " {params.perturbation} > {log} 2>&1"
 
 
@@ -132,8 +140,9 @@ rule report:
         **report_optional_inputs(),
     output:
         markdown="results/report.md",
-        html="results/report.html",
+        html=in_report("results/report.html", "Report"),
     params:
+        captions=captions_of(["report"]),
         tables=lambda wc, input: os.path.dirname(input.tables[0]),
         config=lambda wc: as_json(config),  # a function: braces in config values ({prompt} templates) are not wildcards
         figures=lambda wc, input: " ".join(f for f in input.figures if f.endswith(".png"))

@@ -324,3 +324,12 @@ def test_report_says_which_sharpness_step_is_inert(sharpness_run):
     assert rows["shapo"].endswith("| inert (trains as dpo) |") and rows["shapo_normalized"].endswith("| effective |")
     assert_valid_png(workdir / "results/figures/perturbation_effect.png")
     assert (workdir / "results/figures/perturbation_effect.pdf").read_bytes().startswith(b"%PDF")
+    # the inert steps move the held-out margins by rounding only (about 1e-6, the same sign on every pair, so
+    # the bootstrap p is small): printed with their digits, "numerically identical", never starred
+    pref = pd.read_csv(workdir / "results/tables/preference_comparisons.csv").set_index(["method", "metric"])
+    for method in ("shapo", "shapo_uniform"):
+        row = pref.loc[(method, "mean_margin")]
+        assert 0 < abs(row["diff"]) < 1e-4 and row.identical and not row.significant and pd.isna(row["mark"]), method
+    shown = (workdir / "results/tables/preference_comparisons.md").read_text()
+    assert "| method | shapo ε=0.25 | dpo ε=0.25 | held-out mean margin | 0.486 → 0.486 | +2.7e-06 [" in shown
+    assert shown.count("numerically identical") >= 4

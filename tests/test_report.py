@@ -2,21 +2,28 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import browser
 import matplotlib.image
 import pandas as pd
+import pytest
 import yaml
+from filelock import FileLock
 from PIL import Image
 
 from conftest import ROOT, copy_run, jobs_run, run_snakemake
 from workflow import figures, stats
+from workflow.lib.captions import figure_captions, table_captions
 from workflow.report import claim_statement
 
-SECTIONS = ["What the numbers say", "Main table", "Comparisons with dpo", "Is the perturbation effective?", "Figures",
-            "Per-category rates",
+SECTIONS = ["Verdicts", "Headline figures", "What the numbers say", "Main table", "Held-out preference accuracy",
+            "Comparisons with dpo", "Is the perturbation effective?", "More figures", "Per-category rates",
             "Judge agreement", "Probe, subspace and decontamination", "Training data and label noise",
             "Provenance", "Configuration"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +66,14 @@ def test_report_renders_from_the_tiny_run(reference_run):
     assert (comp["diff"] == 0).all() and (comp.p_holm == 1).all() and not comp.significant.any()
     assert len(pd.read_csv(workdir / "results/tables/mcnemar_by_seed.csv")) == 4
     assert "The paper's claim (shapo lowers the harmful rate under label noise relative to dpo) is not shown" in md
-    assert "the sample is too small" in md
+    # identical outcomes: no discordant prompt, so no detectable difference can be estimated (one MDD formula)
+    assert "The smallest difference it could detect is not estimable" in md and "1.96·√" not in md
+    # the verdict panel leads: the first section, before any table of numbers
+    assert md.index("## Verdicts") < md.index("## Headline figures") < md.index("## Main table")
+    panel = md.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
+    assert "| question | compared (↑ ↓: the direction asked) | status | result | 95% CI | why |" in panel
+    assert "| Does training work? | dpo ε = 0 vs base: held-out accuracy ↑ | shown | 0.500 → 1.000 (+0.500) |" in panel
+    assert "| Is shapo's perturbation effective? | its sharpness-aware steps (medians) | not estimable |" in panel
     # provenance: the fixture file's real sha256, the model's provenance, package versions, the config itself
     fixture = ROOT / "tests/fixtures/harmbench.csv"
     assert hashlib.sha256(fixture.read_bytes()).hexdigest() in md
@@ -101,9 +115,9 @@ def test_over_refusal_benchmark_is_a_refusal_rate_and_gets_the_scatter(reference
     assert_valid_png(tmp_path / "figures/refusal_vs_harmful.png")
 
 
-def comparison(method, noise, diff, p_holm, kind="harmful", bench="harmbench"):
+def comparison(method, noise, diff, p_holm, kind="harmful", bench="harmbench", mdd80=0.05):
     return dict(method=method, reference="dpo", noise=noise, benchmark=bench, kind=kind, diff=diff,
-                ci_low=diff - 0.05, ci_high=diff + 0.05, p_holm=p_holm, significant=p_holm < 0.05)
+                ci_low=diff - 0.05, ci_high=diff + 0.05, p_holm=p_holm, significant=p_holm < 0.05, mdd80=mdd80)
 
 
 RATES = pd.DataFrame({"method": ["base", "dpo", "shapo"], "seeds": [1, 3, 3], "prompts": [400, 400, 400]})
@@ -111,17 +125,20 @@ RATES = pd.DataFrame({"method": ["base", "dpo", "shapo"], "seeds": [1, 3, 3], "p
 
 def test_claim_statement_follows_the_numbers():
     supported = pd.DataFrame([comparison("shapo", 0.0, 0.0, 1.0), comparison("shapo", 0.4, -0.2, 0.001)])
-    text = claim_statement(supported, RATES, "dpo", "shapo", 0.05)
+    text = claim_statement(supported, RATES, "dpo", "shapo", 0.05, 0.95)
     assert "is supported by this run" in text and "significantly lower harmful rate than dpo on harmbench at ε = 0.4" \
         in text and "too small" not in text
     against = pd.DataFrame([comparison("shapo", 0.4, 0.2, 0.01)])
-    assert "is contradicted by this run" in claim_statement(against, RATES, "dpo", "shapo", 0.05)
+    assert "is contradicted by this run" in claim_statement(against, RATES, "dpo", "shapo", 0.05, 0.95)
     null = pd.DataFrame([comparison("shapo", 0.4, -0.02, 0.6), comparison("ipo", 0.4, 0.01, 0.9)])
-    text = claim_statement(null, RATES, "dpo", "shapo", 0.05)
+    text = claim_statement(null, RATES, "dpo", "shapo", 0.05, 0.95)
     assert "is not shown by this run" in text and "no difference in harmful rate between ipo and dpo" in text
-    small = RATES.assign(prompts=3, seeds=1)
-    assert "the sample is too small" in claim_statement(null, small, "dpo", "shapo", 0.05)
-    assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05)
+    # the detectable difference is the comparisons' own mdd80 (one formula), at the configured α and level
+    wide = pd.DataFrame([comparison("shapo", 0.4, -0.02, 0.6, mdd80=0.31), comparison("shapo", 0.0, 0.0, 1, mdd80=0.41)])
+    text = claim_statement(wide, RATES, "dpo", "shapo", 0.1, 0.9)
+    assert "must be about 0.36 (median; 0.31–0.41 over 2 comparisons) or larger" in text
+    assert "two-sided α = 0.1" in text and "90% CIs" in text and "the sample is too small" in text and "95%" not in text
+    assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05, 0.95)
 
 
 def test_full_config_covers_every_preset_and_benchmark_and_dry_runs(tmp_path):
@@ -174,3 +191,82 @@ def test_optional_sections_judge_agreement_and_reward_level(reference_run, tmp_p
     assert "One judge only" not in md
     # figures are linked relative to the report's own folder
     assert f"]({os.path.relpath(run / 'results/figures/training_curves.png', tmp_path / 'out')})" in md
+
+
+# ------------------------------------------------------------------------------ true at any setting; real readers
+@pytest.fixture(scope="session")
+def report_at_90(reference_run, tmp_path_factory):
+    """The reference run with report.ci_level 0.9 and α 0.1, rerun to the report (only the report rules rerun);
+    then `snakemake --report report.zip` on it. Shared by every worker, like the reference run."""
+    from conftest import SharedRun, session_dir
+
+    config = yaml.safe_load((reference_run[0] / "config.yaml").read_text())
+    config["report"].update(ci_level=0.9, alpha=0.1)
+    workdir, proc = SharedRun(session_dir(tmp_path_factory) / "report-at-90").start_once(
+        config, copy_of=reference_run[0]).result()
+    with FileLock(f"{workdir}.zip.lock"):
+        if not (workdir / "report.zip").exists():
+            run_snakemake(workdir, "--report", "report.zip")
+    return workdir, proc
+
+
+def png_caption(path) -> str:
+    with Image.open(path) as img:
+        return img.text.get("Description", "")
+
+
+def test_the_configured_ci_level_and_alpha_reach_every_page_header_and_caption(report_at_90):
+    """ci_level 0.9: "90%" on every page that shows a CI, in every table header and figure caption that names one,
+    and "95%" nowhere; α 0.1 wherever significance is stated."""
+    workdir, proc = report_at_90
+    assert {"report_tables", "report_figures", "report"} <= set(jobs_run(proc))
+    results = workdir / "results"
+    pages = {p.relative_to(results): p.read_text() for p in [results / "report.md", results / "report.html",
+                                                             *sorted((results / "tables").glob("*.md"))]}
+    for name, text in pages.items():
+        assert "95%" not in text, f"{name} names 95%"
+        if "CI" in text:
+            assert "90%" in text, f"{name} shows a CI but not its level"
+    headers = re.findall(r"<th>(.*?)</th>", pages[Path("report.html")])
+    assert [h for h in headers if "CI" in h] and all("90% CI" in h for h in headers if "CI" in h), headers
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", pages[Path("report.html")])
+    figures_shown = sorted(results.glob("figures/*.png"))
+    assert len(captions) == len(figures_shown) >= 5
+    for caption in captions + [png_caption(p) for p in figures_shown]:
+        assert "95%" not in caption and ("CI" not in caption or "90% bootstrap CI" in caption), caption
+    assert "90% bootstrap CI" in png_caption(results / "figures/harmful_rate_vs_noise.png")
+    md = pages[Path("report.md")]
+    assert "α = 0.1" in md and "α = 0.05" not in md and "Holm p < 0.1 / 0.02 / 0.002" in md
+    assert "z₀.₉₇₅" not in md and "1.96·√" not in md
+
+
+def test_snakemake_report_holds_the_tables_and_figures_with_their_captions(report_at_90):
+    """`snakemake --report report.zip` on the tiny run: every report figure and the main tables are inside, each
+    with its caption (at the run's CI level)."""
+    workdir, _ = report_at_90
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        names = {Path(n).name for n in z.namelist()}
+        page = z.read("report/report.html").decode()
+    figures_made = {p.name for p in (workdir / "results/figures").glob("*.png")}
+    tables = {"harmful_rate.csv", "comparisons.csv", "categories.csv", "preference_accuracy.csv",
+              "preference_comparisons.csv", "perturbation.csv", "report.html"}
+    assert figures_made | tables <= names, sorted(figures_made | tables - names)
+    for caption in (figure_captions(0.9)["harmful_rate_vs_noise"], table_captions(0.9, 0.1)["comparisons"]):
+        assert json.dumps(f"<p>{caption}</p>")[1:-1] in page, caption
+
+
+@pytest.mark.skipif(browser.skip_reason() is not None, reason=str(browser.skip_reason()))
+def test_the_report_page_in_a_real_browser(reference_run):
+    """Headless Chromium, 1400 x 900: every image loads, the console shows no error, and the verdict panel is on
+    the first screen, above the headline figures."""
+    page_path = reference_run[0] / "results/report.html"
+    where = {"verdicts": "document.querySelector('table.verdicts').getBoundingClientRect().top",
+             "first_figure": "document.querySelector('figure').getBoundingClientRect().top",
+             "figures": "document.querySelectorAll('figure img').length"}
+    with browser.Chromium() as chromium:
+        page = chromium.load(page_path, 1400, 900, where)
+    assert page.images and all(i["complete"] and i["width"] > 0 for i in page.images), page.images
+    assert len(page.images) == page.values["figures"] == page_path.read_text().count("data:image/png;base64,")
+    assert page.errors == []
+    assert page.values["verdicts"] < 900 and page.values["verdicts"] < page.values["first_figure"]
+    assert page.screenshot.startswith(b"\x89PNG")

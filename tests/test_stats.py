@@ -5,10 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow.lib.display import main_table_markdown
+from workflow.lib.display import comparisons_display, diff_ci, fmt_signed, level_text, main_table_markdown
 from workflow.lib.results import load_judgements
-from workflow.lib.statistics import bootstrap_ci, holm, mcnemar_test, paired_bootstrap, significance_mark
-from workflow.lib.tables import comparisons, rate_table
+from workflow.lib.statistics import (
+    bootstrap_ci,
+    holm,
+    mcnemar_test,
+    numerically_identical,
+    paired_bootstrap,
+    significance_mark,
+)
+from workflow.lib.tables import comparisons, preference_comparisons, rate_table
 
 
 def paired(both, only_ref, only_other, neither):
@@ -58,7 +65,9 @@ def test_paired_bootstrap_detects_a_clear_difference_and_not_an_absent_one():
     assert res["diff"] == pytest.approx(b.mean() - a.mean())
     assert res["ci_high"] < 0 and res["p"] < 0.01 and res["se"] > 0
     unjudged = paired_bootstrap(np.full((1, 5), np.nan), np.ones((1, 5)), n_boot=50)
-    assert np.isnan(unjudged["p"]) and np.isnan(unjudged["ci_low"])
+    # the same keys as a tested comparison: callers read boot["se"] for the minimum detectable difference
+    assert set(unjudged) == set(res) and np.isnan(unjudged["p"]) and np.isnan(unjudged["ci_low"])
+    assert np.isnan(unjudged["se"])
     with pytest.raises(ValueError, match="same prompts and seeds"):
         paired_bootstrap(a, b[:, :10])
 
@@ -67,6 +76,39 @@ def test_holm_and_marks():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert np.isnan(holm([np.nan, 0.01])[0])
     assert [significance_mark(p) for p in (0.0005, 0.005, 0.03, 0.2, float("nan"))] == ["***", "**", "*", "", ""]
+    # at another α one star is still "below α": 0.07 is significant at α = 0.1, and ** / *** are α/5, α/50
+    assert [significance_mark(p, 0.1) for p in (0.07, 0.015, 0.0015, 0.1)] == ["*", "**", "***", ""]
+
+
+def test_a_difference_within_the_tolerance_is_numerically_identical_never_significant():
+    assert numerically_identical(-3e-6, -5e-6, -1e-6, 1e-4)
+    assert not numerically_identical(-3e-6, -5e-6, 2e-4, 1e-4)  # the CI reaches past the tolerance
+    assert not numerically_identical(0.0, float("nan"), float("nan"), 1e-4)  # not estimable decides nothing
+    assert numerically_identical(0.0, 0.0, 0.0, 0.0)
+    # the default run's case: one model's margins a consistent rounding below the other's, on 128 pairs
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0.1, 0.3, 128)
+    data = pd.DataFrame({"method": ["dpo"] * 128 + ["shapo"] * 128, "noise": 0.4, "seed": 0,
+                         "id": [f"h{i}" for i in range(128)] * 2,
+                         "margin": np.concatenate([margins, margins - 3e-6]),
+                         "correct": np.concatenate([margins > 0, margins - 3e-6 > 0]).astype(float)})
+    comp = preference_comparisons(data, "dpo", n_boot=500, level=0.95, seed=0, alpha=0.05, tolerance=1e-4)
+    margin = comp[comp.metric == "mean_margin"].iloc[0]
+    assert margin.p_holm < 0.05  # "significant": every draw is below 0
+    assert margin.identical and not margin.significant and margin["mark"] == ""
+    strict = preference_comparisons(data, "dpo", n_boot=500, level=0.95, seed=0, alpha=0.05, tolerance=0.0)
+    assert strict[strict.metric == "mean_margin"].iloc[0]["mark"] != ""
+    # printed with the digits it needs, not as −0.000, and named as identical, not starred
+    assert fmt_signed(-3e-6) == "-3.0e-06" and fmt_signed(0.0) == "+0.000" and fmt_signed(0.1333) == "+0.133"
+    assert diff_ci(-3e-6, -5e-6, 0.002) == "-3.0e-06 [-5.0e-06, +0.002]"
+
+
+def test_comparison_tables_name_the_ci_level_and_identical_rows():
+    data = pd.concat([judged("dpo", 0.4, 0, [1.0] * 20), judged("shapo", 0.4, 0, [1.0] * 20)], ignore_index=True)
+    pooled, _ = comparisons(data, "dpo", n_boot=200, level=0.9, seed=0, alpha=0.1, tolerance=1e-4)
+    shown = comparisons_display(pooled, 0.9)
+    assert "diff [90% CI]" in shown.columns and shown["sig."].tolist() == ["numerically identical"]
+    assert level_text(0.9) == "90%" and level_text(0.975) == "97.5%"
 
 
 def judged(method, noise, seed, outcomes, kind="harmful"):

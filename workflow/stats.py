@@ -14,7 +14,7 @@ Several sampled answers of one prompt (``evaluation.samples``) count as repeated
 draws of that prompt: its outcome is their mean (``per_prompt``). Writes, under ``--tables``:
 
 - ``harmful_rate.csv``/``.md``: the main table (primary judge): per method x noise x benchmark the mean and
-  std over seeds, a 95 % CI by bootstrap over prompts and seeds, the harmful rate (and unsafe / parseable
+  std over seeds, a CI (``--ci-level``) by bootstrap over prompts and seeds, the harmful rate (and unsafe / parseable
   answers beside it) and the refusal rate;
 - ``rates_by_judge.csv``: the same for every judge;
 - ``comparisons.csv``/``.md``: each method against the reference method at the same noise rate, paired on
@@ -57,6 +57,8 @@ def main(argv=None):
     p.add_argument("--ci-level", type=float, default=schema_default("report/ci_level"))
     p.add_argument("--alpha", type=float, default=schema_default("report/alpha"),
                    help="significance level after Holm's correction")
+    p.add_argument("--identical-tolerance", type=float, default=schema_default("report/identical_tolerance"),
+                   help="a difference whose value and CI lie within this of 0 is numerically identical, never significant")
     p.add_argument("--seed", type=int, default=schema_default("report/seed"), help="seed of every bootstrap")
     p.add_argument("--tables", required=True, help="output folder of the tables")
     p.add_argument("--preference-scores", nargs="*", default=[],
@@ -69,27 +71,30 @@ def main(argv=None):
     out = Path(a.tables)
     rates = rate_table(data, a.n_bootstrap, a.ci_level, a.seed)
     main_rates = rates[rates["judge"] == a.primary_judge].drop(columns="judge")
-    pooled, by_seed = comparisons(data, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha)
+    pooled, by_seed = comparisons(data, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha,
+                                  a.identical_tolerance)
     prefs = pref_comp = None
     if a.preference_scores:
         scores = load_preference_scores(a.preference_scores)
         prefs = preference_table(scores, a.n_bootstrap, a.ci_level, a.seed)
-        pref_comp = preference_comparisons(scores, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha)
+        pref_comp = preference_comparisons(scores, a.reference_method, a.n_bootstrap, a.ci_level, a.seed, a.alpha,
+                                           a.identical_tolerance)
         write_csv(prefs, out / "preference_accuracy.csv")
-        write_text(out / "preference_accuracy.md", markdown(preference_display(prefs)))
+        write_text(out / "preference_accuracy.md", markdown(preference_display(prefs, a.ci_level)))
         write_csv(pref_comp, out / "preference_comparisons.csv")
-        write_text(out / "preference_comparisons.md", markdown(preference_comparisons_display(pref_comp)))
-        print(markdown(preference_display(prefs)))
-        print(markdown(preference_comparisons_display(pref_comp)))
+        write_text(out / "preference_comparisons.md", markdown(preference_comparisons_display(pref_comp, a.ci_level)))
+        print(markdown(preference_display(prefs, a.ci_level)))
+        print(markdown(preference_comparisons_display(pref_comp, a.ci_level)))
     write_csv(main_rates, out / "harmful_rate.csv")
     write_text(out / "harmful_rate.md", main_table_markdown(main_rates, a.ci_level, prefs))
     write_csv(rates, out / "rates_by_judge.csv")
     write_csv(pooled, out / "comparisons.csv")
-    write_text(out / "comparisons.md", markdown(comparisons_display(pooled[pooled["judge"] == a.primary_judge])))
+    shown = comparisons_display(pooled[pooled["judge"] == a.primary_judge], a.ci_level)
+    write_text(out / "comparisons.md", markdown(shown))
     write_csv(by_seed, out / "mcnemar_by_seed.csv")
     write_csv(category_table(data[data["judge"] == a.primary_judge]).drop(columns="judge"), out / "categories.csv")
     print(main_table_markdown(main_rates, a.ci_level))
-    print(markdown(comparisons_display(pooled[pooled["judge"] == a.primary_judge])))
+    print(markdown(shown))
 
 
 if __name__ == "__main__":

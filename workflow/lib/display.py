@@ -13,6 +13,29 @@ from workflow.lib.tables import PREFERENCE_METRICS
 def fmt_noise(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else f"{x:.2f}"
 
+def level_text(level: float) -> str:
+    """A confidence level as every page, header and caption prints it: 0.9 -> "90%", 0.975 -> "97.5%"."""
+    return f"{level * 100:.4g}%"
+
+def fmt_signed(x: float, digits: int = 3) -> str:
+    """A difference with the digits it needs: ``digits`` decimals, or two significant digits when that would
+    print a non-zero value as ±0.000 (a rounding-sized difference must not read as an exact 0)."""
+    if x is None or pd.isna(x):
+        return "n/a"
+    if x != 0 and abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:+.1e}"
+    return f"{x:+.{digits}f}"
+
+def diff_ci(diff: float, lo: float, hi: float) -> str:
+    """``+0.133 [+0.047, +0.219]``: a paired difference and its CI, each with the digits it needs."""
+    return f"{fmt_signed(diff)} [{fmt_signed(lo)}, {fmt_signed(hi)}]"
+
+IDENTICAL = "numerically identical"
+
+def sig_cell(mark: str, identical: bool) -> str:
+    """The "sig." cell: the stars, or "numerically identical" (never starred: config report.identical_tolerance)."""
+    return IDENTICAL if identical else mark
+
 def markdown(frame: pd.DataFrame) -> str:
     """A plain GitHub-markdown table (no tabulate dependency)."""
     cols = [str(c) for c in frame.columns]
@@ -51,25 +74,30 @@ def rates_sentence(table: pd.DataFrame) -> str:
 
 def main_table_markdown(table: pd.DataFrame, level: float, preferences: pd.DataFrame | None = None) -> str:
     seeds = int(table.loc[table.method.ne("base"), "seeds"].max()) if table.method.ne("base").any() else 1
-    pref = ("" if preferences is None else " The last two columns: held-out preference accuracy and mean "
-            "implicit reward margin on the clean held-out pairs [CI over pairs and seeds].")
-    return (f"{rates_sentence(table)} Mean ± std over {seeds} seed(s) per trained cell, [{level:.0%} bootstrap "
-            f"CI over prompts and seeds].{pref}\n\n" + markdown(main_table_with_preferences(main_table_wide(table), preferences)))
+    pref = ("" if preferences is None else f" The last two columns: held-out preference accuracy and mean "
+            f"implicit reward margin on the clean held-out pairs [{level_text(level)} CI over pairs and seeds].")
+    return (f"{rates_sentence(table)} Mean ± std over {seeds} seed(s) per trained cell, [{level_text(level)} "
+            f"bootstrap CI over prompts and seeds].{pref}\n\n"
+            + markdown(main_table_with_preferences(main_table_wide(table), preferences, level)))
 
-def comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
+def _identical(table: pd.DataFrame) -> list[bool]:
+    # tables written before the column existed: nothing was judged identical
+    return [bool(x) for x in table["identical"]] if "identical" in table else [False] * len(table)
+
+def comparisons_display(table: pd.DataFrame, level: float) -> pd.DataFrame:
     """The comparisons table as shown in the report."""
+    ci = f"diff [{level_text(level)} CI]"
     if table.empty:
-        return pd.DataFrame(columns=["method", "vs", "noise", "benchmark", "metric", "rate", "diff [CI]", "p",
+        return pd.DataFrame(columns=["method", "vs", "noise", "benchmark", "metric", "rate", ci, "p",
                                      "p (Holm)", "McNemar p (min over seeds)", "sig."])
     return pd.DataFrame({
         "method": table["method"], "vs": table["reference"], "noise": table["noise"].map(fmt_noise),
         "benchmark": table["benchmark"], "metric": table["metric_label"],
         "rate": [f"{a:.3f} → {b:.3f}" for a, b in zip(table["rate_reference"], table["rate_method"])],
-        "diff [CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
-                      zip(table["diff"], table["ci_low"], table["ci_high"])],
+        ci: [diff_ci(d, lo, hi) for d, lo, hi in zip(table["diff"], table["ci_low"], table["ci_high"])],
         "p": table["p_bootstrap"].map(lambda p: f"{p:.3g}"), "p (Holm)": table["p_holm"].map(lambda p: f"{p:.3g}"),
         "McNemar p (min over seeds)": table["mcnemar_p_min"].map(lambda p: f"{p:.3g}"),
-        "sig.": table["mark"],
+        "sig.": [sig_cell(m, i) for m, i in zip(table["mark"], _identical(table))],
     })
 
 PREFERENCE_LABEL = {"accuracy": "held-out preference accuracy", "mean_margin": "held-out mean margin"}
@@ -77,27 +105,29 @@ PREFERENCE_LABEL = {"accuracy": "held-out preference accuracy", "mean_margin": "
 def _value_ci(value, lo, hi, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
 
-def preference_display(table: pd.DataFrame) -> pd.DataFrame:
+def preference_display(table: pd.DataFrame, level: float) -> pd.DataFrame:
     """The preference table as shown: accuracy and mean margin with CIs (± std over seeds with several)."""
     def cell(r, metric):
         std = f" ± {r[f'{metric}_std']:.3f}" if r.seeds > 1 else ""
         return _value_ci(r[metric], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]).replace(" [", std + " [", 1)
     return pd.DataFrame({"method": table.method, "noise": table.noise.map(fmt_noise),
-                         **{PREFERENCE_LABEL[m]: [cell(r, m) for _, r in table.iterrows()] for m in PREFERENCE_METRICS},
+                         **{f"{PREFERENCE_LABEL[m]} [{level_text(level)} CI]": [cell(r, m) for _, r in table.iterrows()]
+                            for m in PREFERENCE_METRICS},
                          "pairs": table.pairs, "seeds": table.seeds})
 
-def main_table_with_preferences(wide: pd.DataFrame, preferences: pd.DataFrame | None) -> pd.DataFrame:
+def main_table_with_preferences(wide: pd.DataFrame, preferences: pd.DataFrame | None, level: float) -> pd.DataFrame:
     """The main table (``main_table_wide``) with the held-out preference accuracy and mean margin beside the
     rates, matched on method and noise rate."""
     if preferences is None or preferences.empty:
         return wide
-    shown = preference_display(preferences).drop(columns=["pairs", "seeds"])
+    shown = preference_display(preferences, level).drop(columns=["pairs", "seeds"])
     return wide.merge(shown, on=["method", "noise"], how="outer", sort=False)
 
-def preference_comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
+def preference_comparisons_display(table: pd.DataFrame, level: float) -> pd.DataFrame:
     """The preference comparisons as shown in the report."""
+    ci = f"diff [{level_text(level)} CI]"
     if table.empty:
-        return pd.DataFrame(columns=["comparison", "model", "vs", "metric", "value", "diff [CI]", "p", "p (Holm)",
+        return pd.DataFrame(columns=["comparison", "model", "vs", "metric", "value", ci, "p", "p (Holm)",
                                      "MDD (80% power)", "sig."])
     def name(m, n):
         return m if n is None or pd.isna(n) else f"{m} ε={n:g}"
@@ -105,12 +135,12 @@ def preference_comparisons_display(table: pd.DataFrame) -> pd.DataFrame:
         "comparison": table.comparison, "model": [name(m, n) for m, n in zip(table.method, table.noise)],
         "vs": [name(m, n) for m, n in zip(table.vs_method, table.vs_noise)], "metric": table.metric.map(PREFERENCE_LABEL),
         "value": [f"{a:.3f} → {b:.3f}" for a, b in zip(table.value_vs, table.value)],
-        "diff [CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(table["diff"], table.ci_low, table.ci_high)],
+        ci: [diff_ci(d, lo, hi) for d, lo, hi in zip(table["diff"], table.ci_low, table.ci_high)],
         "p": table.p_bootstrap.map(lambda p: f"{p:.3g}"),
         "p (Holm)": table.p_holm.map(lambda p: "" if pd.isna(p) else f"{p:.3g}"),
-        "MDD (80% power)": table.mdd80.map(lambda x: "—" if pd.isna(x) else f"{x:.3f}"),
-        "sig.": [m if k == "method" else ("CI excludes 0" if s else "") for k, m, s in
-                 zip(table.comparison, table["mark"], table.significant)],
+        "MDD (80% power)": table.mdd80.map(lambda x: "—" if pd.isna(x) else f"{x:.3g}"),
+        "sig.": [sig_cell(m if k == "method" else ("CI excludes 0" if s else ""), i) for k, m, s, i in
+                 zip(table.comparison, table["mark"], table.significant, _identical(table))],
     })
 
 

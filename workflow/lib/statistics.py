@@ -37,9 +37,10 @@ def bootstrap_ci(matrix, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
 def paired_bootstrap(reference, other, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Difference of rates other − reference on the same seeds x prompts, resampled jointly (paired).
 
-    Returns the observed difference, its percentile CI and a two-sided bootstrap p-value
-    (2 x the smaller tail share of differences at or beyond 0, with the +1 correction, capped at 1);
-    a difference that is 0 in every draw (identical outcomes) gets p = 1.
+    Returns the observed difference, its percentile CI, a two-sided bootstrap p-value
+    (2 x the smaller tail share of differences at or beyond 0, with the +1 correction, capped at 1) and the
+    standard deviation of the draws (``se``, for the minimum detectable difference); a difference that is 0 in
+    every draw (identical outcomes) gets p = 1. Nothing judged on one side: every value but ``diff`` is NaN.
     """
     a = np.atleast_2d(np.asarray(reference, dtype=float))
     b = np.atleast_2d(np.asarray(other, dtype=float))
@@ -53,7 +54,7 @@ def paired_bootstrap(reference, other, n_boot: int = 2000, level: float = 0.95, 
     draws = _boot_means(b, *idx) - _boot_means(a, *idx)
     draws = draws[~np.isnan(draws)]
     if draws.size == 0:  # nothing judged on one side (e.g. every label unparseable): no test possible
-        return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+        return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "se": math.nan}
     alpha = (1 - level) / 2
     lo, hi = np.quantile(draws, [alpha, 1 - alpha])
     if np.all(draws == 0):
@@ -100,8 +101,17 @@ def holm(pvalues) -> np.ndarray:
         out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
-def significance_mark(p_adjusted: float) -> str:
-    """*, **, *** for adjusted p below 0.05, 0.01, 0.001; '' otherwise (or when untested)."""
+def significance_mark(p_adjusted: float, alpha: float = 0.05) -> str:
+    """*, **, *** for adjusted p below α, α/5 and α/50 (0.05, 0.01, 0.001 at the usual α = 0.05); '' otherwise
+    (or when untested). One star is exactly "significant at the configured α"."""
     if p_adjusted is None or math.isnan(p_adjusted):
         return ""
-    return "***" if p_adjusted < 0.001 else "**" if p_adjusted < 0.01 else "*" if p_adjusted < 0.05 else ""
+    return "***" if p_adjusted < alpha / 50 else "**" if p_adjusted < alpha / 5 else "*" if p_adjusted < alpha else ""
+
+def numerically_identical(diff: float, ci_low: float, ci_high: float, tolerance: float) -> bool:
+    """True when the difference and both ends of its CI lie within ``tolerance`` of 0 (config
+    ``report.identical_tolerance``): two models that differ only by rounding. Such a difference can be "significant"
+    (a consistent rounding of one sign) but is never reported as one. A CI that could not be estimated (NaN)
+    decides nothing: False."""
+    values = (diff, ci_low, ci_high)
+    return all(v is not None and not math.isnan(v) and abs(v) <= tolerance for v in values)

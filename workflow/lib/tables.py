@@ -13,6 +13,7 @@ from workflow.lib.statistics import (
     holm,
     mcnemar_test,
     minimum_detectable_difference,
+    numerically_identical,
     paired_bootstrap,
     significance_mark,
 )
@@ -50,11 +51,13 @@ def rate_table(data: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.D
     return (table.assign(_o=order).sort_values(["judge", "_o", "method", "noise", "benchmark"])
             .drop(columns="_o").reset_index(drop=True))
 
-def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, seed: int, alpha: float = 0.05):
+def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, seed: int, alpha: float = 0.05,
+                tolerance: float = 0.0):
     """Each method vs ``reference`` at the same noise rate and benchmark, per judge.
 
     Returns (pooled table, McNemar-per-seed table). Holm's correction runs over all pooled comparisons of
     one judge (every method, noise rate and benchmark), separately for the bootstrap and McNemar families.
+    A comparison whose difference and CI lie within ``tolerance`` of 0 is ``identical`` and never significant.
     """
     pooled, by_seed = [], []
     data = per_prompt(data)
@@ -94,8 +97,8 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
                                discordant=sum(t["b"] + t["c"] for t in tests) if tests else math.nan))
     cols = ["judge", "method", "reference", "noise", "benchmark", "kind", "metric", "metric_label", "rate_reference",
             "rate_method",
-            "diff", "ci_low", "ci_high", "p_bootstrap", "p_holm", "mcnemar_p_min", "mcnemar_p_holm", "significant",
-            "mark", "se", "mdd80", "seeds", "prompts", "discordant"]
+            "diff", "ci_low", "ci_high", "p_bootstrap", "p_holm", "mcnemar_p_min", "mcnemar_p_holm", "identical",
+            "significant", "mark", "se", "mdd80", "seeds", "prompts", "discordant"]
     table = pd.DataFrame(pooled)
     seed_table = pd.DataFrame(by_seed, columns=["judge", "method", "reference", "noise", "benchmark", "seed", "b",
                                                 "c", "n", "statistic", "p", "exact"])
@@ -111,9 +114,17 @@ def comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, s
     # the smallest Holm-adjusted McNemar p over the seeds of a comparison
     adj = seed_table.groupby(["judge", "method", "noise", "benchmark"])["p_holm"].min()
     table["mcnemar_p_holm"] = [adj.get((r.judge, r.method, r.noise, r.benchmark), np.nan) for r in table.itertuples()]
-    table["significant"] = table["p_holm"] < alpha
-    table["mark"] = table["p_holm"].map(significance_mark)
+    _judge(table, table["p_holm"] < alpha, np.ones(len(table), bool), alpha, tolerance)
     return table[cols], seed_table
+
+def _judge(table: pd.DataFrame, significant, marked, alpha: float, tolerance: float) -> None:
+    """Columns identical, significant and mark: a numerically identical difference is never significant nor
+    starred, whatever its p; ``marked`` rows get stars from their Holm p."""
+    table["identical"] = [numerically_identical(d, lo, hi, tolerance)
+                          for d, lo, hi in zip(table["diff"], table["ci_low"], table["ci_high"])]
+    table["significant"] = np.asarray(significant, bool) & ~table["identical"].to_numpy(bool)
+    table["mark"] = [significance_mark(p, alpha) if m and s else ""
+                     for p, m, s in zip(table["p_holm"], marked, table["significant"])]
 
 def category_table(data: pd.DataFrame) -> pd.DataFrame:
     """Per method x noise x benchmark x category: the metric, mean over seeds, and the number of prompts."""
@@ -168,7 +179,7 @@ def _paired_matrices(first: pd.DataFrame, second: pd.DataFrame, column: str, wha
     return a, b, len(ids)
 
 def preference_comparisons(data: pd.DataFrame, reference: str, n_boot: int, level: float, seed: int,
-                           alpha: float = 0.05) -> pd.DataFrame:
+                           alpha: float = 0.05, tolerance: float = 0.0) -> pd.DataFrame:
     """Paired comparisons on the held-out pairs, for accuracy and mean margin (diff = model − baseline):
 
     - ``training``: the reference method at the lowest noise rate vs the base model (does training move
@@ -181,7 +192,7 @@ def preference_comparisons(data: pd.DataFrame, reference: str, n_boot: int, leve
     bootstrap SE and the minimum detectable difference at 80 % power (``mdd80``). Holm's correction
     (``p_holm``) runs over the ``method`` rows only (all methods, noise rates and both metrics: one family,
     separate from the harmful-rate comparisons); the two preconditions are single pre-specified tests, reported
-    unadjusted.
+    unadjusted. A difference within ``tolerance`` of 0 (CI included) is ``identical``: never significant.
     """
     trained = data[data.method.ne("base")]
     ref_noises = sorted(trained.loc[trained.method == reference, "noise"].dropna().unique())
@@ -205,13 +216,13 @@ def preference_comparisons(data: pd.DataFrame, reference: str, n_boot: int, leve
                          "ci_high": boot["ci_high"], "p_bootstrap": boot["p"], "se": boot["se"],
                          "mdd80": minimum_detectable_difference(boot["se"], alpha), "pairs": n_pairs, "seeds": len(a)})
     cols = ["comparison", "method", "noise", "vs_method", "vs_noise", "metric", "value_vs", "value", "diff", "ci_low",
-            "ci_high", "p_bootstrap", "p_holm", "significant", "mark", "se", "mdd80", "pairs", "seeds"]
-    table = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_holm", "significant", "mark")])
+            "ci_high", "p_bootstrap", "p_holm", "identical", "significant", "mark", "se", "mdd80", "pairs", "seeds"]
+    table = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_holm", "identical", "significant", "mark")])
     table["p_holm"] = np.nan
     family = table.comparison == "method"
     if family.any():
         table.loc[family, "p_holm"] = holm(table.loc[family, "p_bootstrap"])
     # the preconditions are judged by their CI (unadjusted); the method family by its Holm-adjusted p
-    table["significant"] = np.where(family, table.p_holm < alpha, (table.ci_low > 0) | (table.ci_high < 0))
-    table["mark"] = [significance_mark(p) if f else "" for p, f in zip(table.p_holm, family)]
+    _judge(table, np.where(family, table.p_holm < alpha, (table.ci_low > 0) | (table.ci_high < 0)), family, alpha,
+           tolerance)
     return table[cols]
