@@ -165,6 +165,6 @@ def test_set_aside_never_overwrites_an_earlier_damaged_folder(tmp_path):
         (tmp_path / "x.checkpoint").mkdir()
         (tmp_path / "x.checkpoint" / "state.json").write_text(str(n))
         set_aside(tmp_path / "x.checkpoint")
-    assert [(tmp_path / f"x.checkpoint.{s}" / "state.json").read_text() for s in ("damaged", "damaged.2", "damaged.3")] \
-        == ["0", "1", "2"]
+    aside = [tmp_path / f"x.checkpoint.{suffix}" for suffix in ("damaged", "damaged.2", "damaged.3")]
+    assert [(folder / "state.json").read_text() for folder in aside] == ["0", "1", "2"]
     assert not (tmp_path / "x.checkpoint").exists()

@@ -241,8 +241,8 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "rename", spy_rename)
     out = tmp_path / "out"
     write_text(out / "table.csv", "complete\n")
-    assert events == [("fsync", str(out / ".table.csv.tmp")), ("rename", str(out / ".table.csv.tmp"), str(out / "table.csv")),
-                      ("fsync", str(out))]
+    staged = str(out / ".table.csv.tmp")
+    assert events == [("fsync", staged), ("rename", staged, str(out / "table.csv")), ("fsync", str(out))]
 
     events.clear()
     with atomic_dir(tmp_path / "model") as tmp:

@@ -219,7 +219,8 @@ class ShardedCheckpointer(Checkpointer):
         np_rng, py_rng = rngs
         main, rank, world = self.parallel.main, self.parallel.rank, self.parallel.world
         # process 0 owns the atomic folder; the others write into the same <name>.tmp
-        with atomic_dir(self.folder) if main else contextlib.nullcontext(self.folder.with_name(self.folder.name + ".tmp")) as tmp:
+        staged = self.folder.with_name(self.folder.name + ".tmp")
+        with atomic_dir(self.folder) if main else contextlib.nullcontext(staged) as tmp:
             self.parallel.barrier()  # the empty folder exists before anyone writes
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "sharded"))
