@@ -227,8 +227,7 @@ class ShardedCheckpointer(Checkpointer):
             self.parallel.barrier()  # every process's files are written before the folder is renamed
             # each process hashes its share of the shard files (one process reading them all would take as
             # long as writing them did) and leaves the records for process 0
-            names = sorted(str(p.relative_to(tmp)) for p in (tmp / "sharded").rglob("*") if p.is_file())
-            write_json(tmp / f"files.{rank}.json", file_records(tmp, names[rank::world]))
+            write_json(tmp / f"files.{rank}.json", file_records(tmp, shard_files(tmp)[rank::world]))
             self.parallel.barrier()
             if main:
                 torch.save({"scheduler": scheduler.state_dict(), **torch_rng_states()}, tmp / "optimizer.pt")
@@ -236,6 +235,8 @@ class ShardedCheckpointer(Checkpointer):
                 for r in range(world):
                     files |= read_json(tmp / f"files.{r}.json")
                     os.remove(tmp / f"files.{r}.json")
+                # a file some process did not list (a shared file system's stale listing) is hashed here
+                files |= file_records(tmp, [name for name in shard_files(tmp) if name not in files])
                 write_json(tmp / "state.json", {**state, "key": self.key, "numpy_rng": np_rng.bit_generator.state,
                                                 "python_rng": py_rng.getstate(), "processes": world, "files": files})
         self.parallel.barrier()  # nobody goes on (or is killed) believing in a checkpoint not yet in place
@@ -253,6 +254,11 @@ class ShardedCheckpointer(Checkpointer):
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
         restore_rest(torch.load(self.folder / "optimizer.pt", weights_only=True), scheduler, state, rngs)
         return state
+
+
+def shard_files(folder: Path) -> list[str]:
+    """The files DCP wrote under ``folder/sharded``, relative to ``folder``, sorted (every process's same list)."""
+    return sorted(str(p.relative_to(folder)) for p in (folder / "sharded").rglob("*") if p.is_file())
 
 
 def make_checkpointer(folder, every: int, key: str, parallel) -> Checkpointer:
