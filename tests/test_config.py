@@ -1,6 +1,7 @@
 """workflow/lib/config.py: schema validation with defaults, named-entry names, cross-field checks, derived values."""
 import copy
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -161,6 +162,67 @@ def test_a_name_with_a_slash_stops_the_dry_run(workdir, case):
     proc = run_snakemake(workdir, "--dry-run", check=False)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
     assert not (workdir / "results").exists(), "nothing may run before the config is valid"
+
+
+# ---- what a user types after --config (Snakemake keeps every value inside a list or mapping a string) ----
+
+def command_line(config: dict, *entries: str) -> dict:
+    """``config`` with ``--config`` entries merged as Snakemake merges them (its own parser and deep merge)."""
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    update_config(config, parse_config(list(entries)))
+    return config
+
+
+def test_config_list_of_seeds(config):
+    """The issue's example: Snakemake reads 'seeds=[0,1]' as ['0', '1'], which the schema refused."""
+    assert command_line({}, "seeds=[0,1]") == {"seeds": ["0", "1"]}  # what Snakemake hands over
+    validate_config(command_line(config, "seeds=[0,1]"))
+    assert config["seeds"] == [0, 1]
+
+
+def test_config_list_of_noise_rates(config):
+    validate_config(command_line(config, "noise={rates: [0.0, 0.2]}"))
+    assert config["noise"] == {"rates": [0.0, 0.2], "seed": 1000}
+
+
+def test_config_numbers_booleans_and_nulls_inside_mappings(config):
+    validate_config(command_line(config, "training={keep_policies: false, lr: 5e-5, batch_size: 2}",
+                                 "evaluation={temperature: 1, seed: +3}", "judges={llama_guard_3_8b: null}"))
+    training, evaluation = config["training"], config["evaluation"]
+    assert (training["keep_policies"], training["lr"], training["batch_size"]) == (False, 5e-5, 2)
+    assert type(training["lr"]) is float and type(training["batch_size"]) is int
+    assert (evaluation["temperature"], evaluation["seed"]) == (1, 3) and "llama_guard_3_8b" not in config["judges"]
+
+
+def test_config_text_stays_text_where_the_schema_takes_text(config):
+    # a filter value may be text or a number; a name looks like a number; an enum holds words
+    validate_config(command_line(config, "benchmarks={harmbench: {filter: {FunctionalCategory: 1}}}",
+                                 "methods=[dpo, shapo]", "model={prompt_format: chat}"))
+    assert config["benchmarks"]["harmbench"]["filter"] == {"FunctionalCategory": "1"}
+    assert config["model"]["prompt_format"] == "chat"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("seeds=[0,one]", "config key seeds.1: 'one' is not of type 'integer'"),
+    ("seeds=[0,1.5]", "config key seeds.1: 1.5 is not of type 'integer'"),
+    ("noise={rates: [0.0, 0.7]}", "config key noise.rates.1: 0.7 is greater than or equal to the maximum of 0.5"),
+    ("training={keep_policies: maybe}", "config key training.keep_policies: 'maybe' is not of type 'boolean'"),
+])
+def test_config_values_that_are_not_numbers_are_still_named(config, entry, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        validate_config(command_line(config, entry))
+
+
+def test_config_lists_of_numbers_reach_the_dry_run(workdir):
+    """The commands the issue tried, through Snakemake's real command line: the plan has both seeds and the
+    new noise rate."""
+    proc = run_snakemake(workdir, "--dry-run", "--config", "seeds=[0,1]", "noise={rates: [0.0, 0.2]}")
+    text = proc.stdout + proc.stderr
+    for policy in ("dpo/noise0/seed1", "shapo/noise0.2/seed0", "shapo/noise0.2/seed1"):
+        assert f"results/policies/{policy}" in text, policy
+    assert "noise0.25" not in text  # the tiny config's own rate is replaced, as --config does
 
 
 # ---- cross-field checks (the dry-run versions are in tests/test_bad_input.py) ----

@@ -3,7 +3,8 @@
 Two processes, each holding half the rows of every weight, must end where one process holding the whole
 model ends on the same batches: losses, gradient norms and final weights, for DPO, Dr.DPO, and ShaPO's
 raw and normalised steps (also on neurons along the sharded dim: every parameter, GPT-2's Conv1D). A
-sharded run killed after a checkpoint resumes to the same weights, through the rule's own command line.
+sharded run killed after a checkpoint resumes to the same weights, through the rule's own command line, and a
+damaged shard of that checkpoint is set aside (the job completes from step 0).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -182,6 +184,7 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     assert not (data / "killed").exists()
     saved = json.loads(state.read_text())
     assert saved["processes"] == 2 and (data / "killed.checkpoint/sharded/.metadata").exists()
+    shutil.copytree(data / "killed.checkpoint", data / "damaged.checkpoint")  # damaged at the end of the test
 
     resumed = subprocess.run([*TORCHRUN, *cli_args(data, "killed", settings)], cwd=ROOT, capture_output=True,
                              text=True, env=ENV, timeout=600)
@@ -208,6 +211,20 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     assert worst < 1e-5, worst
     assert log_a["loss"].tolist() == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
     print(json.dumps({"resumed_at_step": at["resumed_at_step"], "max_abs_difference_to_one_process": worst}))
+
+    # the same checkpoint with one byte of the second process's shard changed (a file only that process checks):
+    # both processes agree to set it aside, and the job trains from step 0 to the uninterrupted run's weights
+    shard = data / "damaged.checkpoint/sharded/__1_0.distcp"
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    rerun = subprocess.run([*TORCHRUN, *cli_args(data, "damaged", settings)], cwd=ROOT, capture_output=True,
+                           text=True, env=ENV, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "is damaged: sharded/__1_0.distcp differs from what was written" in rerun.stdout, rerun.stdout[-3000:]
+    assert "resumed_at_step" not in rerun.stdout and (data / "damaged.checkpoint.damaged/sharded/__1_0.distcp").exists()
+    c = load_file(data / "damaged/model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_bf16_under_fsdp_computes_in_bf16_with_fp32_master_weights(tiny_model_dir):

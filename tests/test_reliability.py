@@ -213,3 +213,46 @@ def test_atomic_dir_keeps_the_previous_folder_until_the_new_one_is_complete(tmp_
         assert list(tmp.iterdir()) == []
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2" and not (tmp_path / "model.tmp").exists()
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A node that crashes just after a job must not leave an empty file under the final name: the data are
+    fsynced before the rename, the folder holding the new name after it. The real calls are made, and recorded
+    (fsync by the path its descriptor is open on)."""
+    from workflow.lib.files import atomic_dir
+
+    events = []
+    fsync, replace, rename = os.fsync, os.replace, Path.rename
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        replace(src, dst)
+
+    def spy_rename(self, target):
+        events.append(("rename", str(self), str(target)))
+        return rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    monkeypatch.setattr(Path, "rename", spy_rename)
+    out = tmp_path / "out"
+    write_text(out / "table.csv", "complete\n")
+    staged = str(out / ".table.csv.tmp")
+    assert events == [("fsync", staged), ("rename", staged, str(out / "table.csv")), ("fsync", str(out))]
+
+    events.clear()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "shards").mkdir()
+        (tmp / "shards" / "0.bin").write_bytes(b"w")
+        (tmp / "config.json").write_text("{}")
+    staged, final = tmp_path / "model.tmp", tmp_path / "model"
+    *synced, renamed, parent = events
+    assert sorted(synced) == sorted(("fsync", str(p)) for p in (staged / "shards/0.bin", staged / "config.json",
+                                                                 staged / "shards", staged))
+    assert synced.index(("fsync", str(staged / "shards/0.bin"))) < synced.index(("fsync", str(staged / "shards")))
+    assert synced[-1] == ("fsync", str(staged))  # the folder after its entries
+    assert renamed == ("rename", str(staged), str(final)) and parent == ("fsync", str(tmp_path))

@@ -127,8 +127,8 @@ def test_every_cell_of_the_main_table_follows_its_own_answers(reference_run, tmp
 
 
 def test_policies_not_kept_are_deleted_once_used_and_retrain_nothing(reference_run, tmp_path):
-    """training.keep_policies false (the default's): a policy is a temp() output; switching it off changes no
-    result, so nothing is retrained, and the policies go once every job that reads them is done."""
+    """training.keep_policies false (the default keeps them): a policy is a temp() output; switching it off changes
+    no result, so nothing is retrained, and the policies go once every job that reads them is done."""
     workdir = copy_run(reference_run[0], tmp_path / "run")
     config = yaml.safe_load(open(workdir / "config.yaml"))
     config["training"]["keep_policies"] = False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -147,6 +148,65 @@ def drop_nulls(node):
     return node
 
 
+# a number as a user types it: 1, -2, 0.2, .5, 5e-5, 1.0e+3
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def _deref(node: dict) -> dict:
+    """The definition a ``$ref`` node points to (its siblings in this schema are only description and default)."""
+    while "$ref" in node:
+        node = _resolve(node["$ref"].lstrip("#"))
+    return node
+
+
+def _parsed(text: str, node: dict):
+    """``text`` as the number or boolean the schema ``node`` wants; null (``null``, ``~``) where the schema
+    takes no text, since a null removes a key (``drop_nulls``); else ``text`` itself, for validation to name."""
+    node = _deref(node)
+    kind = node.get("type", ())
+    kinds = {kind} if isinstance(kind, str) else set(kind)
+    if "enum" in node:
+        if text in node["enum"]:
+            return text
+        kinds |= {_JSON_TYPES.get(type(v), "null") for v in node["enum"]}
+    if "string" in kinds:
+        return text
+    word = text.strip()
+    if word.lower() in ("null", "~"):
+        return None
+    if "boolean" in kinds and word.lower() in ("true", "false"):
+        return word.lower() == "true"
+    if kinds & {"integer", "number"} and _NUMBER.fullmatch(word):
+        value = float(word) if any(c in word for c in ".eE") else int(word)
+        return int(value) if "number" not in kinds and float(value).is_integer() else value
+    return text
+
+
+def coerce_text(instance, node: dict | None = None):
+    """Numbers, booleans and nulls given as text where the schema wants them, turned into what they say, in place
+    (and returned).
+
+    Snakemake's ``--config`` reads a top-level value with int/float/bool parsers but everything inside a list
+    or a mapping with YAML's BaseLoader, which keeps every scalar a string: ``--config 'seeds=[0,1]'`` gives
+    ``['0', '1']`` and ``'noise={rates: [0.0, 0.2]}'`` gives ``{'rates': ['0.0', '0.2']}``. A string stays a
+    string wherever the schema accepts one (a benchmark's filter value, a name), and text that is not a
+    number is left for validation to name.
+    """
+    node = _deref(schema() if node is None else node)
+    if isinstance(instance, dict):
+        props, extra = node.get("properties", {}), node.get("additionalProperties")
+        for key, value in instance.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is None:
+                continue
+            instance[key] = _parsed(value, sub) if isinstance(value, str) else coerce_text(value, sub)
+    elif isinstance(instance, list) and isinstance(node.get("items"), dict):
+        for i, value in enumerate(instance):
+            instance[i] = _parsed(value, node["items"]) if isinstance(value, str) else coerce_text(value, node["items"])
+    return instance
+
+
 def is_workflow_output(path: str) -> bool:
     """A data path inside results/ is made by the workflow (e.g. the held-out preference prompts)."""
     return os.path.normpath(path).split(os.sep)[0] == "results"
@@ -154,10 +214,12 @@ def is_workflow_output(path: str) -> bool:
 
 
 def validate_config(config: dict) -> dict:
-    """The whole config, in place: nulls dropped, schema checked with defaults filled, cross-field checks
-    (``workflow.lib.checks.check_config``)."""
+    """The whole config, in place: text that the schema wants as a number, boolean or null converted
+    (``coerce_text``: what ``--config`` gives), nulls dropped, schema checked with defaults filled, cross-field
+    checks (``workflow.lib.checks.check_config``)."""
     from workflow.lib.checks import check_config  # the checks raise this module's ConfigError
 
+    coerce_text(config)
     drop_nulls(config)
     _fill(config, "")
     check_config(config)

@@ -6,6 +6,7 @@ an interrupted job never leaves a partial file that a rerun could mistake for a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -14,19 +15,55 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a closed file's data to disk (a read-only descriptor is enough on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk. Some file systems cannot
+    fsync a folder (EINVAL); their renames are then as durable as they make them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file below ``path``, then every folder, deepest first (a folder after its entries)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     The temporary name is fixed (``.<name>.tmp``), so one left by a killed job is overwritten
-    by the rerun rather than accumulating; Snakemake never runs two jobs for one output.
+    by the rerun rather than accumulating; Snakemake never runs two jobs for one output. The data
+    are flushed to disk before the rename and the folder after it: a node that crashes just after
+    the job cannot leave an empty or partial file under the final name (the rename reaching the
+    disk before the data is what a crash otherwise can leave).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -37,15 +74,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder ``<path>.tmp``; on success it replaces ``path`` (a model, a checkpoint).
 
     A job killed while writing leaves only the ``.tmp`` folder, which the next attempt clears;
-    ``path`` is either the previous complete folder or absent, never half-written.
+    ``path`` is either the previous complete folder or absent, never half-written. Every file and
+    folder inside is flushed to disk before the rename, and the parent folder after it (as in
+    ``atomic_path``).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
+    fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+    fsync_dir(path.parent)
 
 
 def write_text(path, text: str) -> None:
