@@ -3,6 +3,7 @@ reference run of that workflow, shared by every test (and every pytest-xdist wor
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -123,11 +124,29 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
     return proc
 
 
+RULE_LINE = re.compile(r"^(?P<indent>\s*)(?:local)?rule (?P<rule>\w+):\s*$")
+
+
+def job_blocks(text: str) -> list[dict[str, str]]:
+    """The jobs Snakemake announced in its output: rule, and each field of the block (input, log, reason, ...).
+    A job of a group (``group:`` in the rules) is printed indented under its group's header."""
+    blocks, block, indent = [], None, ""
+    for line in text.splitlines():
+        m = RULE_LINE.match(line)
+        if m:
+            block, indent = {"rule": m["rule"]}, m["indent"]
+            blocks.append(block)
+        elif block is not None and line.startswith(indent + "    ") and ": " in line:
+            key, _, value = line.strip().partition(": ")
+            block.setdefault(key, value)
+        else:
+            block = None
+    return blocks
+
+
 def jobs_run(proc: subprocess.CompletedProcess) -> list[str]:
-    """Names of the rules Snakemake executed, from its log."""
-    text = proc.stdout + proc.stderr
-    return [line.split()[-1].rstrip(":") for line in text.splitlines()
-            if line.startswith(("rule ", "localrule ")) and line.rstrip().endswith(":")]
+    """Names of the rules Snakemake executed (or planned, in a dry run), from its log."""
+    return [b["rule"] for b in job_blocks(proc.stdout + proc.stderr)]
 
 
 def write_config(workdir: Path, config: dict) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from conftest import LATE_BENCHMARKS, copy_run, jobs_run, run_snakemake, write_config
-from test_reliability import fingerprints, job_blocks
+from conftest import LATE_BENCHMARKS, copy_run, job_blocks, jobs_run, run_snakemake, write_config
+from test_reliability import fingerprints
 
 # rules that summarise every model (or every judge, or every ShaPO policy): any addition redoes them
 SUMMARIES = {"report_tables", "report_figures", "report", "perturbation_summary", "judge_agreement", "all"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SNAKEMAKE_ENV, jobs_run, run_snakemake, snakemake_command, tiny_config, write_config
+from conftest import ROOT, SNAKEMAKE_ENV, job_blocks, jobs_run, run_snakemake, snakemake_command, tiny_config, write_config
 from workflow.lib.files import atomic_path, write_text
 from workflow.lib.locks import OWNER_FILE, clear_stale_locks, record_owner
 
@@ -50,21 +50,6 @@ def start_and_kill(workdir: Path, marker: str, sig: int, log: Path, timeout: flo
                 os.killpg(proc.pid, sig)
             proc.wait(timeout=600)  # a SIGTERM lets Snakemake clean up first
     return sorted(os.path.relpath(f, workdir) for f in found)
-
-
-def job_blocks(text: str) -> list[dict[str, str]]:
-    """The jobs Snakemake announced in its output: rule, and each field of the block (input, log, reason, ...)."""
-    blocks, block = [], None
-    for line in text.splitlines():
-        if line.startswith(("rule ", "localrule ")) and line.rstrip().endswith(":"):
-            block = {"rule": line.split()[-1].rstrip(":")}
-            blocks.append(block)
-        elif block is not None and line.startswith("    ") and ": " in line:
-            key, _, value = line.strip().partition(": ")
-            block.setdefault(key, value)
-        else:
-            block = None
-    return blocks
 
 
 def killed_job_inputs(log: Path, job_logs: list[str]) -> list[str]:
