@@ -34,6 +34,7 @@ def main(argv=None):
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from workflow.lib.files import json_text
     from workflow.lib.textgen import generate_texts
     from workflow.lib.models import format_prompt, load_model, load_source_model, load_tokenizer
 
@@ -64,7 +65,7 @@ def main(argv=None):
               "torch": torch.__version__, "results": results, "speedup": round(speedup, 2)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json_text(record, indent=2) + "\n")  # standard JSON: NaN as null
 
     import matplotlib
 

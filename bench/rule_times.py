@@ -2,9 +2,10 @@
 
     python bench/rule_times.py [results/benchmarks] [--out results/bench/rule_times.tsv]
 
-Prints one row per rule (jobs, total and mean wall seconds, total CPU seconds, max peak RSS in MB) and the total, and
-saves the table. Rules run one after another on 2 cores in the default run, so the total is
-close to the pipeline's wall time (job start-up and scheduling are not included).
+Prints one row per rule (jobs, total and mean wall seconds, total and mean CPU seconds, max peak RSS in MB) and
+the totals, and saves the table. Rules run one after another on 2 cores in the default run, so the wall total is
+close to the pipeline's wall time (job start-up and scheduling are not included). On a shared machine a job's wall
+time follows the load; its CPU time (``cpu_time``, the job's processes as Snakemake samples them) much less.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def rule_times(folder: Path) -> pd.DataFrame:
         raise SystemExit(f"{folder}: no benchmark records (run the workflow first)")
     frame = pd.DataFrame(rows)
     table = frame.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
-                                      cpu_s=("cpu_s", "sum"), peak_rss_mb=("max_rss_mb", "max"))
-    table = table.sort_values("total_s", ascending=False)
+                                      total_cpu_s=("cpu_s", "sum"), mean_cpu_s=("cpu_s", "mean"),
+                                      peak_rss_mb=("max_rss_mb", "max")).sort_values("total_s", ascending=False)
     return table.reset_index()
 
 
@@ -37,7 +38,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     table = rule_times(Path(a.folder))
     print(table.round(1).to_string(index=False))
-    print(f"total: {table.total_s.sum():.0f} s ({table.total_s.sum() / 60:.1f} min) over {table.jobs.sum()} jobs")
+    print(f"total: {table.total_s.sum():.0f} s ({table.total_s.sum() / 60:.1f} min) wall, {table.total_cpu_s.sum():.0f}"
+          f" CPU s, over {table.jobs.sum()} jobs")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(a.out, sep="\t", index=False)
 

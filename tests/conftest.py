@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -164,8 +165,11 @@ class SharedRun:
         self.workdir, self.rc, self.log = workdir, Path(f"{workdir}.rc"), Path(f"{workdir}.log")
         self.proc: subprocess.Popen | None = None  # set in the process that started the run
 
-    def start_once(self, config: dict, copy_of: Path | None = None) -> SharedRun:
-        """Start the run with ``config`` unless another process did; ``copy_of``: a finished run to start from."""
+    def start_once(self, config: dict, copy_of: Path | None = None, args: tuple[str, ...] = (),
+                   setup: str = "") -> SharedRun:
+        """Start the run with ``config`` unless another process did; ``copy_of``: a finished run to start from;
+        ``args``: more Snakemake arguments (a later ``--configfile`` replaces the first); ``setup``: a shell command
+        run first in the working directory (its output goes to the log; the run starts only if it succeeds)."""
         with FileLock(f"{self.workdir}.lock"):
             if self.workdir.exists():  # another worker started it
                 return self
@@ -175,8 +179,9 @@ class SharedRun:
                 copy_run(copy_of, self.workdir)
             write_config(self.workdir, config)
             # the shell records the exit status ("$0" is the working directory), whichever worker ends first
-            script = '"$@" > "$0.log" 2>&1; echo $? > "$0.rc.tmp" && mv "$0.rc.tmp" "$0.rc"'
-            self.proc = subprocess.Popen(["sh", "-c", script, str(self.workdir), *snakemake_command(self.workdir)],
+            run = f'{{ {setup} && "$@"; }}' if setup else '"$@"'
+            script = run + ' > "$0.log" 2>&1; echo $? > "$0.rc.tmp" && mv "$0.rc.tmp" "$0.rc"'
+            self.proc = subprocess.Popen(["sh", "-c", script, str(self.workdir), *snakemake_command(self.workdir, *args)],
                                          cwd=self.workdir, env=SNAKEMAKE_ENV, start_new_session=True)
         return self
 
@@ -216,6 +221,33 @@ def _reference_run_in_background(request, tmp_path_factory) -> SharedRun:
         run.start_once(tiny_config(request.getfixturevalue("tiny_model_dir")))
     yield run
     run.stop()
+
+
+def start_rehearsal(tmp_path_factory) -> SharedRun:
+    """The rehearsal (tests/test_rehearsal.py) as a user runs it, in a fresh folder: the stand-ins built there
+    (tests/rehearsal_assets.py), then the whole DAG of config/paper.yaml + config/rehearsal.yaml."""
+    build = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'tests/rehearsal_assets.py'))} rehearsal"
+    configs = ("--configfile", "config.yaml", str(ROOT / "config/paper.yaml"), str(ROOT / "config/rehearsal.yaml"))
+    return SharedRun(session_dir(tmp_path_factory) / "rehearsal-run").start_once(
+        yaml.safe_load((ROOT / "config.yaml").read_text()), args=configs, setup=build)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rehearsal_in_background(request, tmp_path_factory) -> SharedRun | None:
+    """Starts the rehearsal at the session's first test when a selected test needs it (it is the suite's longest
+    run: the sooner it starts, the more of it goes on beside other tests)."""
+    run = None
+    if any("rehearsal_run" in item.fixturenames for item in request.session.items):
+        run = start_rehearsal(tmp_path_factory)
+    yield run
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def rehearsal_run(_rehearsal_in_background) -> tuple[Path, subprocess.CompletedProcess]:
+    """The finished rehearsal (workdir, process); tests must not modify it: copy it first."""
+    return _rehearsal_in_background.result(timeout=4 * 3600)
 
 
 @pytest.fixture(scope="session")
@@ -291,16 +323,16 @@ def benchmarks_added_run(reference_run, tmp_path_factory) -> tuple[Path, subproc
 # (``pytest -m "not workflow"`` is the fast inner loop, docs/testing.md). Tests that start Snakemake, torchrun or
 # another heavy process without these fixtures carry ``@pytest.mark.workflow`` themselves.
 WORKFLOW_FIXTURES = {"workdir", "reference_run", "reference_build", "sharpness_run", "benchmarks_added_run",
-                     "slurm_cluster"}
+                     "slurm_cluster", "rehearsal_run"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that run the workflow are marked ``workflow``; tests that read the reference run go last, so that
-    the ones that do not run while it is built."""
+    """Tests that run the workflow are marked ``workflow``; tests that read the reference run or the rehearsal go
+    last, so that the ones that do not run while they are built."""
     for item in items:
         if WORKFLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.workflow)
-    items.sort(key=lambda item: "reference_run" in item.fixturenames)
+    items.sort(key=lambda item: bool({"reference_run", "rehearsal_run"} & set(item.fixturenames)))
 
 
 def copy_run(src: Path, dst: Path) -> Path:

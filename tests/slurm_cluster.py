@@ -3,8 +3,9 @@
 Nothing is installed here: without Slurm, munge, root or the executor plugin the tests are skipped
 with the reason (`.ci/run` installs them). The daemons run in the foreground as children of the test
 process, with every configuration, state and log file in a temporary folder, and are stopped by
-pid at the end of the session. The node offers one fake GPU (GRES on /dev/null), so rules that request
-`gpu=1` are scheduled (one at a time) exactly as on a GPU cluster. See ../shared/ENVIRONMENT.md.
+pid at the end of the session. The node offers two fake GPUs (GRES on /dev/null and /dev/zero), so rules that request
+`gpu=1` are scheduled (two at a time) exactly as on a GPU cluster, and a policy trained on `training.devices: 2`
+(its job asks for 2 GPUs) too. See ../shared/ENVIRONMENT.md.
 One cluster per machine at a time (it uses munge's default socket and the host's name): the fixture
 ``slurm_cluster`` (conftest.py) holds a machine-wide lock while one runs.
 """
@@ -104,11 +105,12 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=300
 GresTypes=gpu
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={int(memory_mb() * 0.8)} Gres=gpu:1 State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={int(memory_mb() * 0.8)} Gres=gpu:2 State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-        # A fake GPU: scheduling only, nothing is attached to it.
-        (self.root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File=/dev/null\n")
+        # Two fake GPUs: scheduling only (two character devices that are no GPU; slurmd counts the files)
+        (self.root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File=/dev/null\n"
+                                             f"NodeName={self.host} Name=gpu File=/dev/zero\n")
 
     def munge_works(self) -> bool:
         encoded = subprocess.run(["munge", "-n"], capture_output=True)

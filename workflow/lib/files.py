@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -94,8 +95,29 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def strict_json(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) as None and numpy scalars and arrays as Python values, so that
+    it serialises as standard JSON: Python's ``NaN``/``Infinity`` tokens are not JSON, and strict readers (a browser's
+    ``JSON.parse``, serde_json, jq) reject the file. An undefined rate is written ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":  # numpy scalar or array (np.float32 is no float)
+        return strict_json(obj.tolist())
+    return obj
+
+
+def json_text(obj, **kwargs) -> str:
+    """Standard JSON of ``obj`` (``strict_json``; ``allow_nan=False`` guarantees it)."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """A JSON file (standard JSON: undefined numbers as null); other objects as ``str`` (paths)."""
+    write_text(path, json_text(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path):
@@ -104,7 +126,7 @@ def read_json(path):
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json_text(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path) -> list[dict]:
