@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 from workflow.lib.config import fill_defaults  # noqa: E402
 from workflow.judge import label_answers, summarise  # noqa: E402
 from workflow.lib.results import rates  # noqa: E402
-from workflow.judge_agreement import agreement_table  # noqa: E402
+from workflow.judge_agreement import agreement_table, read_labels  # noqa: E402
 from workflow.lib.safety_judges import LLM_JUDGE_TYPES, LLM_JUDGES, parse_output, repair_json  # noqa: E402
 
 
@@ -169,6 +169,24 @@ def test_agreement_table_pairs_answers_and_leaves_out_unparseable():
     # 3 pairs: (s,s), (u,u), (u,s): p_o = 2/3, p_e = (1/3)(2/3) + (2/3)(1/3) = 4/9, kappa = (2/3-4/9)/(5/9) = 0.4
     assert hb.kappa == pytest.approx(0.4)
     assert table.loc["dna"].kappa == pytest.approx(1.0) and table.loc["all"].n == 5
+
+
+def test_agreement_keeps_the_start_model_whose_summary_has_no_noise_or_seed(tmp_path):
+    """The start model's summaries carry noise and seed null; its answers are still paired across judges (a
+    nullable seed column once turned its whole model key into NaN, and the pivot dropped it)."""
+    paths = []
+    for judge in ("a", "b"):
+        for model, noise, seed in (("base", None, None), ("dpo", 0.0, 0)):
+            folder = tmp_path / judge / model
+            folder.mkdir(parents=True)
+            (folder / "hb.json").write_text(json.dumps({"method": model, "noise": noise, "seed": seed,
+                                                        "benchmark": "hb", "kind": "harmful", "judge": judge}))
+            (folder / "hb.jsonl").write_text("".join(json.dumps({"id": f"x{i}", "label": "safe", "refused": False})
+                                                     + "\n" for i in range(2)))
+            paths.append(str(folder / "hb.jsonl"))
+    labels = read_labels(paths)
+    assert labels.model.notna().all() and labels.model.nunique() == 2
+    assert agreement_table(labels).set_index("benchmark").loc["hb", "n"] == 4
 
 
 def test_a_judges_own_markers_add_to_or_replace_the_built_in_list():

@@ -64,7 +64,9 @@ def read_labels(paths: list[str]) -> pd.DataFrame:
     """Label files (each with its summary beside it) as one frame: judge, model, benchmark, id, sample, label. The
     model is named by the summary's tags (method, noise, seed), as in the report's tables."""
     data = load_judgements(paths)
-    model = data["method"].astype(str) + "/" + data["noise"].astype(str) + "/" + data["seed"].astype(str)
+    # each tag as text one by one: the start model has no noise or seed (NaN, <NA>), and a nullable column's
+    # <NA> would turn a whole concatenated key into NaN, dropping the model from the pivot
+    model = [f"{m}/{n}/{s}" for m, n, s in zip(data["method"], data["noise"], data["seed"])]
     return data.assign(model=model)[["judge", "model", "benchmark", "id", "sample", "label"]]
 
 
