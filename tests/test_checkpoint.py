@@ -114,6 +114,7 @@ def test_an_intact_checkpoint_resumes(finished, capsys):
 @pytest.mark.parametrize("damaged, damage", [("state.json", truncate), ("model.safetensors", garbage),
                                              ("model.safetensors", flip_one_byte), ("optimizer.pt", truncate)],
                          ids=["state.json-truncated", "model-garbage", "model-one-byte", "optimizer-truncated"])
+@pytest.mark.workflow
 def test_a_damaged_checkpoint_is_set_aside_and_the_job_completes(finished, capsys, damaged, damage):
     name = f"{damaged.split('.')[0]}-{damage.__name__}"
     checkpoint = finished / f"{name}.source"
@@ -129,6 +130,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_job_completes(finished, capsy
     assert (aside / damaged).read_bytes() == (checkpoint / damaged).read_bytes()
 
 
+@pytest.mark.workflow
 def test_sharded_checkpoint_with_a_damaged_shard_is_set_aside(job_data, capsys):
     """training.parallel fsdp in a group of one process (the sharded checkpoint's own code path: DCP shard
     files under sharded/); a damaged shard is set aside and the job ends where the uninterrupted sharded run

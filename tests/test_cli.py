@@ -28,6 +28,7 @@ def test_help(stage, capsys):
     assert f"python -m workflow.{stage}" in out  # the docstring shows the exact command
 
 
+@pytest.mark.workflow
 def test_a_stage_runs_as_a_module_from_the_shell():
     proc = subprocess.run([sys.executable, "-m", "workflow.stats", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "python -m workflow.stats" in proc.stdout

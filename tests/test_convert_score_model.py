@@ -104,6 +104,7 @@ def test_converter_refuses_a_checkpoint_without_a_score_head(tmp_path, tiny_mode
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.workflow
 def test_reward_stage_converts_a_safe_rlhf_cost_model_in_the_dag(tmp_path, tiny_model_dir):
     """reward_model.kind safe_rlhf: convert_score_model runs before train_reward_model, which scores with the
     converted folder (sign −1: a cost model), as config/paper.yaml does with beaver-7b-v1.0-cost."""

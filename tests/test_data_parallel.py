@@ -66,6 +66,7 @@ def records(n):
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
 def test_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, lora):
     """Dr.DPO + ShaPO on full weights; with LoRA, DPO + ShaPO perturbing the frozen base columns (DDP does not

@@ -64,6 +64,7 @@ def test_shard_rows_split_dim_0_like_torch_chunk():
                                                                   if shard_rows(n, world, r)[1]]
 
 
+@pytest.mark.workflow
 def test_two_sharded_processes_end_with_the_weights_of_one(fsdp_data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -156,6 +157,7 @@ RESUME_METHOD = {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 3, "subsp
                                                            "perturbation": "normalized", "rho": 0.5}}
 
 
+@pytest.mark.workflow
 def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weights(fsdp_data, tmp_path):
     data = tmp_path
     (data / "llama").symlink_to(fsdp_data / "llama")
@@ -227,6 +229,7 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.workflow
 def test_bf16_under_fsdp_computes_in_bf16_with_fp32_master_weights(tiny_model_dir):
     """precision bf16 (what auto means on a GPU): MixedPrecisionPolicy(param bf16, reduce fp32), here in a
     group of one on the CPU."""
@@ -296,6 +299,7 @@ def test_nodes_above_one_refuse_to_run_outside_slurm(tmp_path):
     assert proc.returncode != 0 and "training.nodes > 1 runs inside a Slurm allocation" in proc.stderr
 
 
+@pytest.mark.workflow
 def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     """config/paper.yaml with model.name_or_path set to the paper's largest backbone: full fine-tuning under
     fsdp on training.devices GPUs per policy and for SFT; reference log-probs and generation on one GPU each."""

@@ -160,6 +160,7 @@ def test_hh_prompts_stop_at_the_next_human_turn(parrot, parrot_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- samples per prompt
+@pytest.mark.workflow
 def test_samples_share_the_prompt_id_and_are_seeded_seed_plus_k(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "category": ""}) + "\n"
@@ -196,6 +197,7 @@ def answers(labels_by_prompt, truncated=()):
             for i, labels in enumerate(labels_by_prompt) for k, lab in enumerate(labels)]
 
 
+@pytest.mark.workflow
 def test_statistics_average_the_samples_of_a_prompt_and_skip_mcnemar(tmp_path):
     # 3 samples per prompt; p0 2/3 unsafe; p1 one unparseable sample (not unsafe, as in the official rate over
     # all answers) and 1/2 of its parseable ones; p2 none parseable; p3 none unsafe
@@ -287,6 +289,7 @@ def test_vllm_answers_equal_the_transformers_answers(parrot_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the workflow
+@pytest.mark.workflow
 def test_workflow_generations_carry_stops_samples_and_reach_the_judge(parrot_dir, tmp_path):
     config = tiny_config(parrot_dir)
     config["model"]["prompt_format"] = "hh"
@@ -306,6 +309,7 @@ def test_workflow_generations_carry_stops_samples_and_reach_the_judge(parrot_dir
     assert summary["n"] == len(rows) and summary["prompt_truncated"] == 0
 
 
+@pytest.mark.workflow
 def test_paper_config_generates_as_the_official_code(tmp_path):
     """config/paper.yaml: HH turns, sampled at T = 1.0 and top_p 1.0, 256 new tokens, cut at "\\n"
     (official judeg_eval/model_infer.py:33, 39, 82, 103), 3 seeded samples per prompt (ours)."""

@@ -3,11 +3,14 @@ it) and on the tiny test config (--directory elsewhere, absolute data paths)."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake
 
 CLEAN = "Congratulations, your workflow is in a good condition!"
 
 
+@pytest.mark.workflow
 def test_lint_default_config():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--cores", "1"], capture_output=True, text=True,
                           cwd=ROOT, env=SNAKEMAKE_ENV)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake
@@ -41,6 +42,7 @@ def spec_arg(command: str, option: str = "--spec-json") -> dict:
     return json.loads(args[args.index(option) + 1])
 
 
+@pytest.mark.workflow
 def test_paper_config_dry_runs_offline(tmp_path):
     proc = dry_run_paper(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -141,6 +141,7 @@ def test_claim_statement_follows_the_numbers():
     assert "was not trained in this run" in claim_statement(pd.DataFrame(), RATES, "dpo", "shapo", 0.05, 0.95)
 
 
+@pytest.mark.workflow
 def test_full_config_covers_every_preset_and_benchmark_and_dry_runs(tmp_path):
     default = yaml.safe_load((ROOT / "config.yaml").read_text())
     full = yaml.safe_load((ROOT / "config/full.yaml").read_text())

@@ -41,6 +41,7 @@ def test_sft_batches_score_only_the_chosen_answer_tokens():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
+@pytest.mark.workflow
 def test_sft_enabled_trains_policies_from_the_sft_model(tmp_path, tiny_model_dir):
     config = tiny_config(tiny_model_dir)
     config["sft"] = {"enabled": True, "epochs": 1, "lr": 1e-3, "batch_size": 4}

@@ -75,6 +75,7 @@ def test_dpo_training_logs_clean_and_flipped_accuracy(tiny):
     assert abs(log[0]["loss"] - 0.6931) < 1e-3  # policy == reference at step 1
 
 
+@pytest.mark.workflow
 def test_shapo_step_uses_gradients_at_the_perturbed_point(tiny_model_dir):
     recs = records()
 
@@ -233,6 +234,7 @@ def test_every_loss_and_control_trains(tiny_model_dir, method):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.workflow
 def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weights(tiny_model_dir, tmp_path, capsys):
     import os
     import signal
