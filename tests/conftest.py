@@ -79,7 +79,7 @@ def tiny_config(model_dir: Path) -> dict:
     config["preferences"].update(source={"path": str(FIXTURES / "hh_pairs.jsonl.gz")}, n_train=12, n_heldout=4)
     config["noise"]["rates"] = [0.0, 0.25]
     # the suite's cost must not follow the default's size: two methods, one seed (every preset is trained
-    # by tests/test_training.py::test_every_preset_trains_in_the_dag)
+    # by tests/test_train_policy.py::test_every_preset_trains_in_the_dag)
     config["methods"], config["seeds"] = ["dpo", "shapo"], [0]
     config["probe"]["data"].update(unsafe={"path": str(FIXTURES / "probe_unsafe.json")},
                                    safe={"path": str(FIXTURES / "probe_safe.json")}, n_per_class=12)

@@ -23,7 +23,7 @@ from workflow.lib.files import write_jsonl
 from workflow.lib.models import load_model, load_tokenizer
 from workflow.lib.pairs import score_pairs
 
-from test_training import SETTINGS, TRAINING, records
+from test_train_policy import SETTINGS, TRAINING, records
 
 # a ShaPO step every third step, so the resumed run must also restore the γ and batch-order RNGs
 METHOD = {"loss": "dpo", "beta": 0.1, "sharpness": {"interval": 3, "subspace": "uniform", "perturbation": "raw",

@@ -29,8 +29,8 @@ def imported_modules(path) -> set[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-            if node.module == "workflow":  # from workflow import stats
-                names |= {f"workflow.{a.name}" for a in node.names}
+            if node.module in ("workflow", "workflow.lib"):  # from workflow import judge
+                names |= {f"{node.module}.{a.name}" for a in node.names}
     return names
 
 
@@ -81,3 +81,21 @@ def test_every_package_the_workflow_imports_is_pinned():
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("workflow", "__future__")}
     missing = sorted(m for m in third_party - OPTIONAL if DISTRIBUTION.get(m, m).lower().replace("_", "-") not in pinned)
     assert not missing, f"imported by workflow/ but not pinned in requirements.txt (and envs/): {missing}"
+
+
+# modules no test imports directly, and the tests that exercise them (through their one caller, or as a command)
+THROUGH_CALLER = {"workflow.plan": "test_plan.py (python -m workflow.plan)",
+                  "workflow.lib.dag": "test_plan.py (workflow.plan)",
+                  "workflow.lib.document": "test_report.py (workflow.report, in Chromium too)",
+                  "workflow.lib.provenance": "test_report.py (workflow.report)"}
+
+
+def test_every_module_is_imported_by_a_test():
+    """Unit tests by module: each module's tests import it (tests/test_<module>.py where it has its own file)."""
+    modules = {f"workflow.{p.stem}" for p in WORKFLOW.glob("*.py")} | {
+        f"workflow.lib.{p.stem}" for p in (WORKFLOW / "lib").glob("*.py")}
+    modules -= {"workflow.__init__", "workflow.lib.__init__"}
+    tested = set().union(*(imported_modules(p) for p in (ROOT / "tests").glob("*.py")))
+    untested = modules - tested - set(THROUGH_CALLER)
+    assert not untested, f"modules no test imports: {sorted(untested)} (add tests, or name their caller's tests)"
+    assert not set(THROUGH_CALLER) & tested, "a module in THROUGH_CALLER is now imported by a test: drop it there"

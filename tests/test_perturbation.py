@@ -119,7 +119,7 @@ def test_matched_control_moves_exactly_as_far_as_the_probe_step(tiny_model_dir):
     """On the same gradients (a real DPO backward on the tiny model, in float64 so the realised move is exact), the
     raw probe step and a matched random or uniform control draw the same γ and move their weights by the same
     ‖δ‖, measured on the weights themselves."""
-    from test_training import records, with_reference
+    from test_train_policy import records, with_reference
 
     from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
     from workflow.lib.pairs import collate_pairs, encode_response_pair
@@ -165,7 +165,7 @@ def test_matched_control_moves_exactly_as_far_as_the_probe_step(tiny_model_dir):
 def test_matched_control_logs_the_probe_steps_move_length(tiny_model_dir):
     """Through the training loop: at step 1 both runs start from the same weights and batch, so the matched
     uniform control's ‖δ‖ equals the raw probe step's."""
-    from test_training import SETTINGS, records, with_reference
+    from test_train_policy import SETTINGS, records, with_reference
 
     from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
     from workflow.train_policy import train
@@ -221,7 +221,7 @@ def realistic_tiny_dir(tmp_path_factory):
 
 
 def train_logged(model_dir, sharpness: dict, precision: str, n_pairs: int = 4):
-    from test_training import SETTINGS, records, with_reference
+    from test_train_policy import SETTINGS, records, with_reference
 
     from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections
     from workflow.lib.parallel import DataParallel

@@ -207,7 +207,7 @@ def test_soft_label_table_hand_computed():
 
 
 def check_reward_outputs(workdir, n_train=12, n_heldout=4, n_flipped=3):
-    """The reward stage's outputs of a tiny run (used by the all-presets DAG test in test_training.py)."""
+    """The reward stage's outputs of a tiny run (used by the all-presets DAG test in test_train_policy.py)."""
     metrics = json.loads((workdir / "results/reward/metrics.json").read_text())
     assert metrics["kind"] == "bt_head" and metrics["n_train"] == n_train and metrics["n_heldout"] == n_heldout
     # train_accuracy is out of fold (cross-fitted), so it may fall below the heads' in-sample accuracy

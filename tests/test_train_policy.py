@@ -324,7 +324,7 @@ def test_every_preset_trains_in_the_dag(reference_run, tmp_path):
     import yaml
 
     from conftest import copy_run, jobs_run, run_snakemake, write_config
-    from test_reward import check_reward_outputs
+    from test_reward_model import check_reward_outputs
 
     workdir = copy_run(reference_run[0], tmp_path / "run")
     config = yaml.safe_load((workdir / "config.yaml").read_text())

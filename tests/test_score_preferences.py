@@ -4,7 +4,6 @@ statements)."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,6 @@ import torch
 from workflow.lib.files import read_jsonl, write_jsonl
 from workflow.lib.pairs import text_key
 from workflow.score_preferences import correct, margins, pair_logps, summarise
-from workflow.lib.statistics import minimum_detectable_difference, paired_bootstrap
 from workflow.lib.tables import preference_comparisons, preference_table
 
 
@@ -40,26 +38,6 @@ def test_pair_logps_are_looked_up_by_pair_and_answer_text():
         pair_logps(rows, [{"pair_id": "a", "chosen": "yes", "rejected": "maybe"}], "f")
     with pytest.raises(ValueError, match="no log-probs for held-out pair 'b'"):
         pair_logps(rows, [{"pair_id": "b", "chosen": "yes", "rejected": "no"}], "f")
-
-
-def test_minimum_detectable_difference_formula():
-    # (z_0.975 + z_0.8)·SE = (1.95996 + 0.84162)·SE
-    assert minimum_detectable_difference(0.1) == pytest.approx(2.80158 * 0.1, rel=1e-4)
-    assert minimum_detectable_difference(0.1, alpha=0.01, power=0.9) == pytest.approx((2.57583 + 1.28155) * 0.1, rel=1e-4)
-    assert math.isnan(minimum_detectable_difference(0.0))  # no discordant pair: nothing estimated
-    # paired 0/1 outcomes on n = 400 prompts, 60 discordant one way and 20 the other:
-    # SE = √((p10 + p01 − (p10 − p01)²)/n) = √((0.2 − 0.01)/400)
-    n = 400
-    a = np.zeros(n)
-    b = np.zeros(n)
-    a[:60] = 1   # only the reference is 1
-    b[60:80] = 1  # only the other is 1
-    a[80:200] = b[80:200] = 1
-    boot = paired_bootstrap(a, b, n_boot=4000, seed=0)
-    closed = math.sqrt((0.2 - 0.1 ** 2) / n)
-    assert boot["diff"] == pytest.approx(-0.1)
-    assert boot["se"] == pytest.approx(closed, rel=0.08)
-    assert minimum_detectable_difference(boot["se"]) == pytest.approx(2.80158 * closed, rel=0.08)
 
 
 def _scores(models: dict[tuple, list[float]]) -> pd.DataFrame:
