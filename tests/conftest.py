@@ -238,7 +238,10 @@ def _rehearsal_in_background(request, tmp_path_factory) -> SharedRun | None:
     run: the sooner it starts, the more of it goes on beside other tests)."""
     run = None
     if any("rehearsal_run" in item.fixturenames for item in request.session.items):
-        run = start_rehearsal(tmp_path_factory)
+        # REHEARSAL_RUN: a finished rehearsal's folder (beside it its .rc and .log), to check it again without
+        # the hour of running it (the tests copy it before changing anything)
+        finished = os.environ.get("REHEARSAL_RUN")
+        run = SharedRun(Path(finished).resolve()) if finished else start_rehearsal(tmp_path_factory)
     yield run
     if run is not None:
         run.stop()

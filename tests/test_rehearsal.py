@@ -187,7 +187,7 @@ def test_one_rehearsed_policy_runs_through_slurm(slurm_cluster, rehearsal_run, t
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{output[-6000:]}\n{slurm_cluster.logs()}"
     assert sorted(jobs_run(proc)) == ["generate", "judge", "train_policy"]
-    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
+    submitted = re.findall(r"Job \S+ has been submitted with SLURM jobid (\d+)", output)
     assert len(submitted) == 3, output[-4000:]
     (log,) = [p for p in (workdir / "results/logs/slurm").rglob("*.log") if "/rule_train_policy/" in str(p)]
     job = slurm_cluster.query(["scontrol", "show", "job", log.stem]).stdout
