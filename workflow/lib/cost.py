@@ -77,7 +77,8 @@ class Assumptions:
     vllm_start_s: float = 60.0          # vLLM engine: memory profiling, KV-cache allocation, CUDA graph capture
     # a job that loads no model, by what it imports: the standard library, pandas (data, refusal markers),
     # the statistics and plotting stack (tables, figures, the report page)
-    light_job_s: dict = field(default_factory=lambda: {"stdlib": 3.0, "pandas": 5.0, "report": 10.0})
+    light_job_s: dict = field(default_factory=lambda: {"stdlib": 3.0, "pandas": 5.0, "data": 10.0, "report": 10.0,
+                                                       "figures": 15.0})
     read_rate: float = 2e9              # B/s reading weights from the shared file system
     write_rate: float = 1e9             # B/s writing weights and checkpoints
     download_rate: float = 0.1e9        # B/s from the Hugging Face hub (prepare_model, convert_score_model)
@@ -108,7 +109,8 @@ CPU_ASSUMPTIONS = dict(
     step_overhead_transformers=0.01,    # 0.04 s per decoding step at batch 16, idle (docs/bench.md)
     process_start_s=6.5,                # import torch + transformers + load a tiny model: 6.4-6.8 CPU s (docs/testing.md)
     torch_start_s=1.9,                  # import torch alone (docs/testing.md)
-    light_job_s={"stdlib": 0.4, "pandas": 1.0, "report": 3.0},  # python -m workflow.<stage> --help, docs/cost.md
+    # wall seconds per job of the idle default run (docs/cost.md, "Checked against a measured run")
+    light_job_s={"stdlib": 0.2, "pandas": 0.6, "data": 1.5, "report": 1.5, "figures": 4.0},
     read_rate=1e9, write_rate=0.5e9,    # page cache / local disk
 )
 
@@ -469,9 +471,10 @@ RULES = {
     "score_preferences": _score_preferences, "generate": _generate, "judge": _judge, "llm_judge": _judge,
 }
 # rules that load no model: seconds each, by what they import (data preparation, refusal markers, report)
-LIGHT = {"inject_noise": "stdlib", "sample_benchmark": "stdlib", "prepare_preferences": "pandas",
-         "prepare_benchmark": "pandas", "probe_data": "pandas", "judge": "pandas", "judge_agreement": "pandas",
-         "plot_soft_labels": "pandas", "report_tables": "report", "report_figures": "report",
+# (data: reads and de-duplicates a whole probe source; figures: matplotlib, drawing every figure)
+LIGHT = {"inject_noise": "stdlib", "sample_benchmark": "stdlib", "prepare_preferences": "stdlib",
+         "prepare_benchmark": "stdlib", "probe_data": "data", "judge": "pandas", "judge_agreement": "pandas",
+         "plot_soft_labels": "pandas", "report_tables": "report", "report_figures": "figures",
          "perturbation_summary": "report", "report": "report"}
 
 
