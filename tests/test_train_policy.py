@@ -316,9 +316,14 @@ def test_reward_level_shapo_trains_with_soft_labels(tiny_model_dir):
     assert all(r["sharpness_step"] and math.isfinite(r["loss_perturbed"]) for r in log)
 
 
-def test_every_preset_trains_in_the_dag(reference_run, tmp_path):
+def test_every_preset_trains_in_the_dag(reference_run, tmp_path, monkeypatch):
     """Every preset of config.yaml through the real Snakemake DAG on the tiny model (one noise rate, one seed),
-    on a copy of the reference run (its model, noisy pairs, probe and subspace)."""
+    on a copy of the reference run (its model, noisy pairs, probe and subspace). Snakemake runs every job up to
+    the policies (the reward stage and its figure, the reference log-probs); each policy's job is then the exact
+    command Snakemake plans for it (its dry run), run in this process: 14 trainings without 14 Python start-ups."""
+    import contextlib
+    import shlex
+
     import numpy as np
     import pandas as pd
     import yaml
@@ -333,9 +338,23 @@ def test_every_preset_trains_in_the_dag(reference_run, tmp_path):
     config["methods"], config["noise"]["rates"], config["seeds"] = presets, [0.25], [0]
     config["training"]["batch_size"] = 2  # 6 steps: every sharpness preset (interval 5) takes a sharpness-aware step
     write_config(workdir, config)
-    proc = run_snakemake(workdir, *[f"results/policies/{m}/noise0.25/seed0" for m in presets],
-                         "results/figures/reward_soft_labels.png", "results/figures/reward_soft_labels.pdf")
-    assert not {"prepare_model", "train_probe", "select_subspace", "inject_noise"} & set(jobs_run(proc))
+    targets = [f"results/policies/{m}/noise0.25/seed0" for m in presets]
+    figures = ["results/figures/reward_soft_labels.png", "results/figures/reward_soft_labels.pdf"]
+    upstream = run_snakemake(workdir, *targets, *figures, "--omit-from", "train_policy")
+    assert not {"prepare_model", "train_probe", "select_subspace", "inject_noise", "train_policy"} & set(jobs_run(upstream))
+    plan = run_snakemake(workdir, *targets, "--dry-run", "--printshellcmds")
+    assert sorted(jobs_run(plan)) == ["train_policy"] * len(presets)
+    commands = [line.strip().removeprefix("Shell command: ") for line in (plan.stdout + plan.stderr).splitlines()
+                if line.strip().removeprefix("Shell command: ").startswith("python -m workflow.train_policy ")]
+    assert len(commands) == len(presets)
+
+    from workflow import train_policy
+    monkeypatch.chdir(workdir)
+    for command in commands:
+        words = shlex.split(command)
+        argv, log = words[3:words.index(">")], words[words.index(">") + 1]  # "... > {log} 2>&1", as the shell would
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            train_policy.main(argv)
     for m in presets:
         folder = workdir / f"results/policies/{m}/noise0.25/seed0"
         assert (folder / "model.safetensors").exists(), m
