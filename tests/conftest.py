@@ -2,6 +2,7 @@
 reference run of that workflow, shared by every test (and every pytest-xdist worker) of a session."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -115,6 +116,32 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
 
 
 SNAKEMAKE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# No hub access may happen while the DAG is built: offline mode, and an endpoint that refuses.
+OFFLINE_ENV = {**SNAKEMAKE_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def dry_run_paper(workdir: Path, *extra_configfiles) -> subprocess.CompletedProcess:
+    """``snakemake -n -p`` of config/paper.yaml (merged onto config.yaml, then ``extra_configfiles``) in ``workdir``."""
+    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")  # the default it is merged onto
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", "--configfile", str(workdir / "config.yaml"),
+           str(ROOT / "config/paper.yaml"), *map(str, extra_configfiles)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, cwd=workdir)
+
+
+@pytest.fixture(scope="session")
+def paper_dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The paper config's dry run (``dry_run_paper``), once per session for every test that reads its plan (the
+    workers share it): (its working directory, the process). Its output is kept beside the folder."""
+    workdir = session_dir(tmp_path_factory) / "paper-dry-run"
+    saved = Path(f"{workdir}.json")
+    with FileLock(f"{workdir}.lock"):
+        if not saved.exists():
+            workdir.mkdir()
+            proc = dry_run_paper(workdir)
+            saved.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}))
+    done = json.loads(saved.read_text())
+    return workdir, subprocess.CompletedProcess(["snakemake", "-n"], done["returncode"], done["stdout"], done["stderr"])
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -167,11 +167,6 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     settings = TRAINING | {"checkpoint_every": 2, "parallel": "fsdp", "devices": 2, "optimizer": "adamw",
                            "warmup_ratio": 0.1}
 
-    done = subprocess.run([*TORCHRUN, *cli_args(data, "uninterrupted", settings)], cwd=ROOT, capture_output=True,
-                          text=True, env=ENV, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert not (data / "uninterrupted.checkpoint").exists()  # removed after success
-
     # killed, torchrun and its two workers at once (a node lost), once a checkpoint past step 4 is in place
     proc = subprocess.Popen([*TORCHRUN, *cli_args(data, "killed", settings)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -193,10 +188,26 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     at = json.loads(next(l for l in resumed.stdout.splitlines() if "resumed_at_step" in l))
     assert 4 <= at["resumed_at_step"] < at["of"] == 10
-    a, b = load_file(data / "uninterrupted/model.safetensors"), load_file(data / "killed/model.safetensors")
+    assert not (data / "killed.checkpoint").exists()  # removed after success
+
+    # the same checkpoint with one byte of the second process's shard changed (a file only that process checks):
+    # both processes agree to set it aside, and the job trains from step 0, uninterrupted (the run the resumed
+    # one must equal, bit for bit)
+    shard = data / "damaged.checkpoint/sharded/__1_0.distcp"
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    rerun = subprocess.run([*TORCHRUN, *cli_args(data, "damaged", settings)], cwd=ROOT, capture_output=True,
+                           text=True, env=ENV, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert "is damaged: sharded/__1_0.distcp differs from what was written" in rerun.stdout, rerun.stdout[-3000:]
+    assert "resumed_at_step" not in rerun.stdout and (data / "damaged.checkpoint.damaged/sharded/__1_0.distcp").exists()
+    assert not (data / "damaged.checkpoint").exists()
+
+    a, b = load_file(data / "damaged/model.safetensors"), load_file(data / "killed/model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
-    log_a, log_b = (pd.read_csv(data / f"{n}.tsv", sep="\t").drop(columns="seconds") for n in ("uninterrupted", "killed"))
+    log_a, log_b = (pd.read_csv(data / f"{n}.tsv", sep="\t").drop(columns="seconds") for n in ("damaged", "killed"))
     pd.testing.assert_frame_equal(log_a, log_b)
 
     # the policy the rule writes is an ordinary model folder, with the weights of a one-process run
@@ -213,20 +224,6 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     assert worst < 1e-5, worst
     assert log_a["loss"].tolist() == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
     print(json.dumps({"resumed_at_step": at["resumed_at_step"], "max_abs_difference_to_one_process": worst}))
-
-    # the same checkpoint with one byte of the second process's shard changed (a file only that process checks):
-    # both processes agree to set it aside, and the job trains from step 0 to the uninterrupted run's weights
-    shard = data / "damaged.checkpoint/sharded/__1_0.distcp"
-    content = bytearray(shard.read_bytes())
-    content[len(content) // 2] ^= 0xFF
-    shard.write_bytes(bytes(content))
-    rerun = subprocess.run([*TORCHRUN, *cli_args(data, "damaged", settings)], cwd=ROOT, capture_output=True,
-                           text=True, env=ENV, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    assert "is damaged: sharded/__1_0.distcp differs from what was written" in rerun.stdout, rerun.stdout[-3000:]
-    assert "resumed_at_step" not in rerun.stdout and (data / "damaged.checkpoint.damaged/sharded/__1_0.distcp").exists()
-    c = load_file(data / "damaged/model.safetensors")
-    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.workflow
@@ -303,7 +300,8 @@ def test_nodes_above_one_refuse_to_run_outside_slurm(tmp_path):
 def test_paper_config_trains_qwen_7b_sharded_one_key_away(tmp_path):
     """config/paper.yaml with model.name_or_path set to the paper's largest backbone: full fine-tuning under
     fsdp on training.devices GPUs per policy and for SFT; reference log-probs and generation on one GPU each."""
-    from test_paper_config import dry_run_paper, job_counts, shell_commands
+    from conftest import dry_run_paper
+    from test_paper_config import job_counts, shell_commands
 
     qwen = tmp_path / "qwen.yaml"
     qwen.write_text("model:\n  name_or_path: Qwen/Qwen2.5-7B\n")

@@ -310,12 +310,12 @@ def test_workflow_generations_carry_stops_samples_and_reach_the_judge(parrot_dir
 
 
 @pytest.mark.workflow
-def test_paper_config_generates_as_the_official_code(tmp_path):
+def test_paper_config_generates_as_the_official_code(paper_dry_run):
     """config/paper.yaml: HH turns, sampled at T = 1.0 and top_p 1.0, 256 new tokens, cut at "\\n"
     (official judeg_eval/model_infer.py:33, 39, 82, 103), 3 seeded samples per prompt (ours)."""
-    from test_paper_config import dry_run_paper, shell_commands
+    from test_paper_config import shell_commands
 
-    proc = dry_run_paper(tmp_path)
+    proc = paper_dry_run[1]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     commands = shell_commands(proc.stdout + proc.stderr, "generate")
     pairs = {(re.search(r"--model (\S+)", c)[1], re.search(r"benchmarks/(\w+)/", c)[1]) for c in commands}

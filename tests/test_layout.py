@@ -99,3 +99,21 @@ def test_every_module_is_imported_by_a_test():
     untested = modules - tested - set(THROUGH_CALLER)
     assert not untested, f"modules no test imports: {sorted(untested)} (add tests, or name their caller's tests)"
     assert not set(THROUGH_CALLER) & tested, "a module in THROUGH_CALLER is now imported by a test: drop it there"
+
+
+# Every Snakemake start (each run, each dry run, each Slurm job's own Snakemake) parses the rule files and
+# imports what they import; statistics and model libraries there would cost seconds per start, on every
+# submission of a cluster run.
+HEAVY_FOR_THE_RULE_FILES = ("scipy", "statsmodels", "torch", "transformers", "matplotlib", "sklearn")
+
+
+def test_the_rule_files_import_no_statistics_or_model_library():
+    import subprocess
+
+    modules = sorted({m for p in [ROOT / "Snakefile", *(ROOT / "rules").glob("*.smk")]
+                      for m in re.findall(r"^\s*from (workflow\.[\w.]+) import", p.read_text(), re.M)})
+    assert "workflow.lib.captions" in modules and "workflow.lib.config" in modules  # what the rule files read
+    probe = (f"import sys; import {', '.join(modules)}; "
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY_FOR_THE_RULE_FILES)!r}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert loaded.strip() == "[]", f"the rule files' imports ({modules}) load {loaded.strip()}: import them lazily"

@@ -4,30 +4,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake
-
-# No hub access may happen while the DAG is built: offline mode, and an endpoint that refuses.
-OFFLINE_ENV = {**SNAKEMAKE_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
-
+from conftest import ROOT, run_snakemake
 
 def job_counts(text: str) -> dict[str, int]:
     """The dry-run's job table: rule -> count."""
     return {m[1]: int(m[2]) for m in re.finditer(r"^([a-z_]+)\s+(\d+)$", text, re.M) if m[1] != "total"}
-
-
-def dry_run_paper(workdir, *extra_configfiles):
-    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")  # the default it is merged onto
-    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--cores", "2", "--configfile", str(workdir / "config.yaml"),
-           str(ROOT / "config/paper.yaml"), *map(str, extra_configfiles)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, cwd=workdir)
 
 
 def shell_commands(text: str, rule: str) -> list[str]:
@@ -43,8 +28,8 @@ def spec_arg(command: str, option: str = "--spec-json") -> dict:
 
 
 @pytest.mark.workflow
-def test_paper_config_dry_runs_offline(tmp_path):
-    proc = dry_run_paper(tmp_path)
+def test_paper_config_dry_runs_offline(paper_dry_run):
+    workdir, proc = paper_dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     counts = job_counts(out)
@@ -128,30 +113,30 @@ def test_paper_config_dry_runs_offline(tmp_path):
                for c in shell_commands(out, "train_policy"))
     assert re.search(r"rule reference_logps:(?:(?!\nrule ).)*resources:[^\n]*gpu=1", out, re.S)
     assert re.search(r"rule prepare_preferences:(?:(?!\nrule ).)*resources:[^\n]*gpu=0", out, re.S)
-    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+    assert not (workdir / "results").exists()  # a dry run writes nothing
 
 
 def test_null_in_configfile_removes_a_default_entry(workdir):
     override = workdir / "override.yaml"
     # a removed benchmark leaves the probe's declared list too (it is restated, as config/paper.yaml does)
-    override.write_text("benchmarks:\n  donotanswer: null\nevaluation:\n  benchmarks: [harmbench]\n")
+    removed = "benchmarks:\n  donotanswer: null\nevaluation:\n  benchmarks: [harmbench]\n"
+    override.write_text(removed)
     proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override), check=False)
     assert "config key probe.decontaminate_against: 'donotanswer' is not a defined benchmark" in proc.stdout + proc.stderr
-    override.write_text(override.read_text() + "probe:\n  decontaminate_against: [harmbench]\n")
-    proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override))
-    counts = job_counts(proc.stdout + proc.stderr)
-    assert counts["prepare_benchmark"] == 1 and counts["generate"] == 5  # base + 2 methods x 2 noise rates
-    assert "donotanswer" not in proc.stdout + proc.stderr
 
     # without the null the default's entry stays (deep merge), and its probe texts would be unused
-    override.write_text("probe:\n  data:\n    format: pku-saferlhf\n    source: {path: %s}\n"
-                        % (ROOT / "tests/fixtures/pku_saferlhf.jsonl"))
+    probe = ("probe:\n  decontaminate_against: [harmbench]\n  data:\n    format: pku-saferlhf\n    source: {path: %s}\n"
+             % (ROOT / "tests/fixtures/pku_saferlhf.jsonl"))
+    override.write_text(removed + probe)
     proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override), check=False)
     assert proc.returncode != 0
     assert "config key probe.data.unsafe: not used with probe.data.format pku-saferlhf" in proc.stdout + proc.stderr
 
-    override.write_text(override.read_text() + "    unsafe: null\n    safe: null\n")
-    run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override))
+    override.write_text(removed + probe + "    unsafe: null\n    safe: null\n")
+    proc = run_snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(override))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["prepare_benchmark"] == 1 and counts["generate"] == 5  # base + 2 methods x 2 noise rates
+    assert "donotanswer" not in proc.stdout + proc.stderr
 
 
 def test_every_rule_takes_threads_and_resources_from_the_config():

@@ -24,7 +24,7 @@ import yaml
 from snakemake.utils import update_config
 
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, jobs_run
-from test_paper_config import dry_run_paper, job_counts
+from test_paper_config import job_counts
 from workflow.lib.config import drop_nulls
 
 pytestmark = pytest.mark.rehearsal
@@ -109,11 +109,11 @@ def test_the_allowlist_refuses_a_forbidden_key(tmp_path, forbidden, message):
 
 # ------------------------------------------------------------------------------------------------ the run
 @pytest.mark.workflow
-def test_the_rehearsal_runs_every_rule_of_the_paper_config(rehearsal_run, tmp_path):
+def test_the_rehearsal_runs_every_rule_of_the_paper_config(rehearsal_run, paper_dry_run):
     workdir, proc = rehearsal_run
     log = proc.stdout
     assert re.search(r"(\d+) of \1 steps \(100%\) done", log), log[-3000:]
-    dry = dry_run_paper(tmp_path)
+    dry = paper_dry_run[1]
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     planned = job_counts(dry.stdout + dry.stderr)
     executed = jobs_run(proc)

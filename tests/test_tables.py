@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow.lib.display import comparisons_display, diff_ci, fmt_signed, level_text, main_table_markdown
+from workflow.lib.captions import level_text
+from workflow.lib.display import comparisons_display, diff_ci, fmt_signed, main_table_markdown
 from workflow.lib.results import load_judgements
 from workflow.lib.statistics import numerically_identical
 from workflow.lib.tables import comparisons, preference_comparisons, rate_table

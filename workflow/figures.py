@@ -35,7 +35,7 @@ import pandas as pd  # noqa: E402
 
 from workflow.lib.captions import figure_captions  # noqa: E402
 from workflow.lib.config import schema_default  # noqa: E402
-from workflow.lib.display import level_text  # noqa: E402
+from workflow.lib.captions import level_text  # noqa: E402
 from workflow.lib.files import atomic_path, read_train_logs  # noqa: E402
 
 MARKERS = "osD^v<>"

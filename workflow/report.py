@@ -26,13 +26,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from workflow.lib.captions import figure_captions
+from workflow.lib.captions import figure_captions, level_text
 from workflow.lib.config import fill_defaults
 from workflow.lib.display import (
     comparisons_display,
     fmt_noise,
     fmt_signed,
-    level_text,
     main_table_wide,
     main_table_with_preferences,
     perturbation_display,

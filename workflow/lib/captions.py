@@ -3,7 +3,13 @@ files' own metadata (``workflow.figures``) and Snakemake's ``--report`` (``rules
 the confidence level and the thresholds they name are the configured ones everywhere."""
 from __future__ import annotations
 
-from workflow.lib.display import level_text
+
+
+# Here rather than in workflow.lib.display (which imports it from here): the Snakefile imports this module to
+# caption Snakemake's --report, and display's pandas and scipy would add about 0.6 s to every Snakemake start.
+def level_text(level: float) -> str:
+    """A confidence level as every page, header and caption prints it: 0.9 -> "90%", 0.975 -> "97.5%"."""
+    return f"{level * 100:.4g}%"
 
 
 def figure_captions(level: float, inert_fraction: float | None = None, inert_gap: float | None = None) -> dict:

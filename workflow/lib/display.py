@@ -6,16 +6,13 @@ import math
 
 import pandas as pd
 
+from workflow.lib.captions import level_text
 from workflow.lib.results import PARSEABLE_LABEL, RULE_BASED
 from workflow.lib.tables import PREFERENCE_METRICS
 
 
 def fmt_noise(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x) else f"{x:.2f}"
-
-def level_text(level: float) -> str:
-    """A confidence level as every page, header and caption prints it: 0.9 -> "90%", 0.975 -> "97.5%"."""
-    return f"{level * 100:.4g}%"
 
 def fmt_signed(x: float, digits: int = 3) -> str:
     """A difference with the digits it needs: ``digits`` decimals, or two significant digits when that would
