@@ -356,13 +356,20 @@ WORKFLOW_FIXTURES = {"workdir", "reference_run", "reference_build", "sharpness_r
                      "slurm_cluster", "rehearsal_run"}
 
 
+# Among the tests that read the reference run, those that build a second run from it or wait on Slurm take the
+# longest: they go first, so that no worker is left with one of them while the other has nothing to do.
+LONG_FIXTURES = {"sharpness_run", "benchmarks_added_run", "slurm_cluster"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that run the workflow are marked ``workflow``; tests that read the reference run or the rehearsal go
-    last, so that the ones that do not run while they are built."""
+    """Tests that run the workflow are marked ``workflow``; tests that read the reference run go last, so that the
+    ones that do not run while it is built, the longest of them first; the rehearsal's after them (it is built
+    for the better part of an hour, while the others run)."""
     for item in items:
         if WORKFLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.workflow)
-    items.sort(key=lambda item: bool({"reference_run", "rehearsal_run"} & set(item.fixturenames)))
+    items.sort(key=lambda item: ("rehearsal_run" in item.fixturenames, "reference_run" in item.fixturenames,
+                                 not LONG_FIXTURES & set(item.fixturenames)))
 
 
 def copy_run(src: Path, dst: Path) -> Path:
