@@ -125,6 +125,20 @@ def kill_with_workers(proc: subprocess.Popen) -> None:
             time.sleep(0.01)
 
 
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, step: int, env: dict, cwd: Path) -> None:
+    """Start ``cmd`` (torchrun), wait until its checkpoint folder holds step ``step`` or later, then SIGKILL torchrun
+    and its workers at once (a node lost)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = checkpoint / "state.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not (state.exists() and json.loads(state.read_text())["step"] >= step):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        kill_with_workers(proc)
+
+
 def main(argv=None):
     import workflow.lib.train_step as train_step
     from workflow.lib.parallel import FullyShardedParallel

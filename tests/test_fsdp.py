@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake, write_config
-from fsdp_worker import (SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, kill_with_workers, records,
+from fsdp_worker import (SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, kill_after_checkpoint, records,
                          run_variant)
 from workflow.lib.config import ConfigError, fill_defaults, validate_config
 from workflow.lib.jobs import srun_torchrun
@@ -168,18 +168,9 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
                            "warmup_ratio": 0.1}
 
     # killed, torchrun and its two workers at once (a node lost), once a checkpoint past step 4 is in place
-    proc = subprocess.Popen([*TORCHRUN, *cli_args(data, "killed", settings)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = data / "killed.checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    try:
-        while not (state.exists() and json.loads(state.read_text())["step"] >= 4):
-            assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-            time.sleep(0.01)
-    finally:
-        kill_with_workers(proc)
+    kill_after_checkpoint([*TORCHRUN, *cli_args(data, "killed", settings)], data / "killed.checkpoint", 4, ENV, ROOT)
     assert not (data / "killed").exists()
-    saved = json.loads(state.read_text())
+    saved = json.loads((data / "killed.checkpoint/state.json").read_text())
     assert saved["processes"] == 2 and (data / "killed.checkpoint/sharded/.metadata").exists()
     shutil.copytree(data / "killed.checkpoint", data / "damaged.checkpoint")  # damaged at the end of the test
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -196,7 +195,7 @@ def test_sharded_sft_on_two_processes_ends_with_the_weights_of_one_and_a_killed_
     same batches; SIGKILLed (torchrun and both workers) after a sharded checkpoint, rerun, it resumes there and ends
     with the uninterrupted run's weights and log, bit for bit."""
     from conftest import SNAKEMAKE_ENV
-    from fsdp_worker import kill_with_workers
+    from fsdp_worker import kill_after_checkpoint
     from workflow.lib.files import write_jsonl
 
     data = tmp_path
@@ -230,15 +229,7 @@ def test_sharded_sft_on_two_processes_ends_with_the_weights_of_one_and_a_killed_
 
     # killed once a checkpoint past step 4 (the first epoch's end) is in place, then rerun
     cmd, root = sft_cli(data, "killed")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = data / "killed.checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    try:
-        while not (state.exists() and json.loads(state.read_text())["step"] >= 4):
-            assert proc.poll() is None and time.monotonic() < deadline, "SFT ended before it could be killed"
-            time.sleep(0.01)
-    finally:
-        kill_with_workers(proc)
+    kill_after_checkpoint(cmd, data / "killed.checkpoint", 4, env, root)
     assert not (data / "killed").exists()
     assert (data / "killed.checkpoint/sharded/.metadata").exists()
     resumed = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
