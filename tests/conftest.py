@@ -117,7 +117,7 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
 
 SNAKEMAKE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # No hub access may happen while the DAG is built: offline mode, and an endpoint that refuses.
-OFFLINE_ENV = {**SNAKEMAKE_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+OFFLINE_ENV = {**SNAKEMAKE_ENV, "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
 
 
 def dry_run_paper(workdir: Path, *extra_configfiles) -> subprocess.CompletedProcess:

@@ -23,8 +23,7 @@ from workflow.lib.losses import data_parallel_reduction, reduce_losses
 from workflow.lib.models import load_model, load_tokenizer
 from workflow.lib.parallel import DataParallel
 from workflow.lib.pairs import score_pairs
-from workflow import train_policy
-from workflow.train_policy import attach_reference, train
+from workflow.train_policy import attach_reference, main as train_policy_main, train
 
 TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
             "max_prompt_length": 24, "checkpoint_every": 2}
@@ -92,7 +91,7 @@ def test_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, lor
                 "--threads", str(torch.get_num_threads() if name == "one" else 2)]
 
     # one process: the stage's own entry point, in this process (a Python start-up fewer)
-    train_policy.main(args("one")[2:])
+    train_policy_main(args("one")[2:])
     env = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
     # the launcher the train_policy rule uses for training.devices: 2
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 
 from conftest import ROOT
@@ -108,8 +109,6 @@ HEAVY_FOR_THE_RULE_FILES = ("scipy", "statsmodels", "torch", "transformers", "ma
 
 
 def test_the_rule_files_import_no_statistics_or_model_library():
-    import subprocess
-
     modules = sorted({m for p in [ROOT / "Snakefile", *(ROOT / "rules").glob("*.smk")]
                       for m in re.findall(r"^\s*from (workflow\.[\w.]+) import", p.read_text(), re.M)})
     assert "workflow.lib.captions" in modules and "workflow.lib.config" in modules  # what the rule files read

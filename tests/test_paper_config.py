@@ -10,6 +10,7 @@ import yaml
 
 from conftest import ROOT, run_snakemake
 
+
 def job_counts(text: str) -> dict[str, int]:
     """The dry-run's job table: rule -> count."""
     return {m[1]: int(m[2]) for m in re.finditer(r"^([a-z_]+)\s+(\d+)$", text, re.M) if m[1] != "total"}
