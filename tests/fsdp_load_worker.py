@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workflow.lib import models  # noqa: E402
-from workflow.lib.parallel import FullyShardedParallel  # noqa: E402
+from workflow.lib.parallel import FullyShardedParallel, exit_past_interpreter_shutdown  # noqa: E402
 
 
 def build_load_model(folder: Path) -> int:
@@ -85,3 +85,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_past_interpreter_shutdown()  # as the training stages end (workflow.lib.parallel)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from workflow.lib.config import fill_defaults  # noqa: E402
 from workflow.lib.files import read_jsonl  # noqa: E402
 from workflow.lib.models import load_model, load_tokenizer, mlp_output_projections  # noqa: E402
+from workflow.lib.parallel import exit_past_interpreter_shutdown  # noqa: E402
 from workflow.lib.sharpness import SelectedNeurons, perturbed_set  # noqa: E402
 
 TRAINING = {"batch_size": 4, "epochs": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 48,
@@ -139,6 +140,41 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, step: int, env: dict
         kill_with_workers(proc)
 
 
+SHUTDOWN_PROBE = """\
+import atexit, os
+from pathlib import Path
+here = Path(__file__).parent
+rank = os.environ.get("RANK", "-")
+with open(here / "started.txt", "a") as f:
+    f.write(rank + "\\n")
+def _at_shutdown():
+    with open(here / "shut_down.txt", "a") as f:
+        f.write(rank + "\\n")
+atexit.register(_at_shutdown)
+"""
+
+
+def shutdown_probe(folder: Path, env: dict) -> dict:
+    """``env`` with a ``sitecustomize`` on PYTHONPATH that records, in ``folder``, each Python process started
+    (``started.txt``) and each that went through interpreter shutdown (``shut_down.txt``, by an atexit handler),
+    one line per process with its RANK."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SHUTDOWN_PROBE)
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH")) if p)}
+
+
+def assert_workers_skipped_interpreter_shutdown(folder: Path, processes: int) -> None:
+    """Every training process ended past interpreter shutdown (``exit_past_interpreter_shutdown``), where
+    gloo's threads can abort a finished run; torchrun itself (RANK unset) shut down normally."""
+    started = (folder / "started.txt").read_text().split()
+    shut_down = (folder / "shut_down.txt").read_text().split() if (folder / "shut_down.txt").exists() else []
+    assert sorted(r for r in started if r != "-") == [str(r) for r in range(processes)], started
+    # the control: the probe does see a normal shutdown, torchrun's own (RANK unset)
+    assert "-" in shut_down, shut_down
+    workers = [r for r in shut_down if r != "-"]
+    assert not workers, f"training processes that went through interpreter shutdown (RANK): {workers}"
+
+
 def main(argv=None):
     import workflow.lib.train_step as train_step
     from workflow.lib.parallel import FullyShardedParallel
@@ -171,3 +207,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_past_interpreter_shutdown()  # as the training stages end (workflow.lib.parallel)

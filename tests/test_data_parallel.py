@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, copy_run, run_snakemake, write_config
+from fsdp_worker import assert_workers_skipped_interpreter_shutdown, shutdown_probe
 from workflow.lib.config import fill_defaults
 from workflow.lib.files import write_jsonl
 from workflow.lib.loop import pairs_used
@@ -95,8 +96,10 @@ def test_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, lor
     env = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
     # the launcher the train_policy rule uses for training.devices: 2
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *args("two")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+                          *args("two")], cwd=ROOT, capture_output=True, text=True,
+                         env=shutdown_probe(tmp_path / "probe", env), timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert_workers_skipped_interpreter_shutdown(tmp_path / "probe", 2)  # DDP's group too (tests/test_fsdp.py)
 
     log_one = pd.read_csv(tmp_path / "one.tsv", sep="\t")
     log_two = pd.read_csv(tmp_path / "two.tsv", sep="\t")

@@ -24,8 +24,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, SNAKEMAKE_ENV, run_snakemake, write_config
-from fsdp_worker import (SETTINGS, TRAINING, VARIANTS, build_tiny_gpt2, key_bias, kill_after_checkpoint, records,
-                         run_variant)
+from fsdp_worker import (SETTINGS, TRAINING, VARIANTS, assert_workers_skipped_interpreter_shutdown, build_tiny_gpt2,
+                         key_bias, kill_after_checkpoint, records, run_variant, shutdown_probe)
 from workflow.lib.config import ConfigError, fill_defaults, validate_config
 from workflow.lib.jobs import srun_torchrun
 from workflow.lib.files import write_jsonl
@@ -175,8 +175,10 @@ def test_killed_sharded_run_resumes_from_its_sharded_checkpoint_to_the_same_weig
     shutil.copytree(data / "killed.checkpoint", data / "damaged.checkpoint")  # damaged at the end of the test
 
     resumed = subprocess.run([*TORCHRUN, *cli_args(data, "killed", settings)], cwd=ROOT, capture_output=True,
-                             text=True, env=ENV, timeout=600)
+                             text=True, env=shutdown_probe(data / "probe", ENV), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    # both workers left past interpreter shutdown, where gloo's threads once aborted a finished CI job
+    assert_workers_skipped_interpreter_shutdown(data / "probe", 2)
     at = json.loads(next(l for l in resumed.stdout.splitlines() if "resumed_at_step" in l))
     assert 4 <= at["resumed_at_step"] < at["of"] == 10
     assert not (data / "killed.checkpoint").exists()  # removed after success

@@ -195,7 +195,7 @@ def test_sharded_sft_on_two_processes_ends_with_the_weights_of_one_and_a_killed_
     same batches; SIGKILLed (torchrun and both workers) after a sharded checkpoint, rerun, it resumes there and ends
     with the uninterrupted run's weights and log, bit for bit."""
     from conftest import SNAKEMAKE_ENV
-    from fsdp_worker import kill_after_checkpoint
+    from fsdp_worker import assert_workers_skipped_interpreter_shutdown, kill_after_checkpoint, shutdown_probe
     from workflow.lib.files import write_jsonl
 
     data = tmp_path
@@ -206,8 +206,10 @@ def test_sharded_sft_on_two_processes_ends_with_the_weights_of_one_and_a_killed_
     env = {**SNAKEMAKE_ENV, "OMP_NUM_THREADS": "1"}
 
     cmd, root = sft_cli(data, "uninterrupted")
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=shutdown_probe(data / "probe", env),
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert_workers_skipped_interpreter_shutdown(data / "probe", 2)  # as train_policy's (tests/test_fsdp.py)
     assert not (data / "uninterrupted.checkpoint").exists()  # removed after success
     log_two = pd.read_csv(data / "uninterrupted.tsv", sep="\t")
     assert len(log_two) == 8 and log_two["sequences"].tolist() == [4, 4, 4, 2] * 2

@@ -43,7 +43,7 @@ from workflow.lib.files import atomic_dir, read_jsonl, write_json, write_tsv
 from workflow.lib.models import PROVENANCE, load_tokenizer
 from workflow.lib.optim import make_optimizer
 from workflow.lib.pairs import answer_token_counts, collate_pairs, encode_response_pair, sequence_logps
-from workflow.lib.parallel import DataParallel, FullyShardedParallel, make_parallel
+from workflow.lib.parallel import DataParallel, FullyShardedParallel, exit_past_interpreter_shutdown, make_parallel
 
 LOG_COLUMNS = ["step", "epoch", "loss", "sequences", "tokens", "grad_norm", "lr", "seconds"]
 CHOSEN = ("chosen",)  # the side of each pair SFT trains on
@@ -192,3 +192,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_past_interpreter_shutdown()  # last: see its docstring

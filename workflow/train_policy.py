@@ -54,7 +54,7 @@ from workflow.lib.losses import soft_labels
 from workflow.lib.models import PROVENANCE, load_tokenizer
 from workflow.lib.optim import make_optimizer
 from workflow.lib.pairs import collate_pairs, encode_response_pair, text_key
-from workflow.lib.parallel import DataParallel, FullyShardedParallel, make_parallel
+from workflow.lib.parallel import DataParallel, FullyShardedParallel, exit_past_interpreter_shutdown, make_parallel
 from workflow.lib.presets import uses_reward
 from workflow.lib.sharpness import matched_reference, perturbed_set
 from workflow.lib.train_step import LOG_COLUMNS, SHARPNESS_COLUMNS, Trainer, train_step
@@ -266,3 +266,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_past_interpreter_shutdown()  # last: see its docstring

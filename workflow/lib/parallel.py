@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from workflow.lib import models
 from workflow.lib.models import placement
 
 ENGINES = ("ddp", "fsdp")
+# set once this process has started a process group: ``exit_past_interpreter_shutdown`` reads it
+_started_group = False
 
 
 def make_parallel(settings: dict):
@@ -76,6 +79,8 @@ class DataParallel(Collectives):
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
+        if self.world > 1:
+            _note_group_started()
 
     def load_model(self, folder):
         """The fp32 model of ``folder`` for ``wrap``: every process holds the whole model, so each reads it."""
@@ -98,8 +103,10 @@ class DataParallel(Collectives):
         return None
 
     def close(self) -> None:
-        """End the process group of a multi-process run (nothing with one process)."""
+        """End the process group of a multi-process run (nothing with one process), once every process
+        has finished its collectives."""
         if self.world > 1:
+            self.barrier()
             torch.distributed.destroy_process_group()
 
     def autocast(self):
@@ -160,6 +167,7 @@ class FullyShardedParallel(Collectives):
                 dist.init_process_group(backend)
             else:  # one process, no launcher: a group of one
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            _note_group_started()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.main = self.rank == 0
         self.mesh = init_device_mesh(self.device.type, (self.world,))
@@ -252,7 +260,9 @@ class FullyShardedParallel(Collectives):
         return state
 
     def close(self) -> None:
+        """End the process group this engine started, once every process has finished its collectives."""
         if self.owns_group:
+            self.barrier()
             torch.distributed.destroy_process_group()
 
     def autocast(self):
@@ -279,6 +289,30 @@ class FullyShardedParallel(Collectives):
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def _note_group_started() -> None:
+    global _started_group
+    _started_group = True
+
+
+def exit_past_interpreter_shutdown() -> None:
+    """End a training process that started a process group now, with exit status 0, without Python's
+    interpreter shutdown; return (nothing to do) in a process that started none. Call it last, from
+    ``__main__`` only, once the stage has written its outputs and closed the group.
+
+    Why: FSDP (and DDP) keep the process group alive past ``destroy_process_group`` (gloo's worker
+    threads are still running at exit, torch 2.13), and a native thread that touches Python while the
+    interpreter shuts down aborts the process ("terminate called without an active exception",
+    SIGABRT). torchrun then fails the job, and Snakemake deletes its outputs, after a run that had
+    finished: this happened to one of the 36 two-process jobs of a CI rehearsal (docs/scale-out.md).
+    Standard streams are flushed first; the stage's files are already closed.
+    """
+    if not _started_group:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
