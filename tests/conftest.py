@@ -148,8 +148,26 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
     proc = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, env=SNAKEMAKE_ENV,
                           cwd=workdir)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{failed_jobs(proc.stdout + proc.stderr)}"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def failed_jobs(text: str, lines_each: int = 80) -> str:
+    """Snakemake's report of each failed job in ``text`` (from ``Error in rule`` to the end of the job's log,
+    which the profile's ``show-failed-logs`` prints), at most ``lines_each`` lines each: a long run's failure
+    may lie far above its tail, which the messages also show."""
+    lines, reports = text.splitlines(), []
+    for start, line in enumerate(lines):
+        if line.startswith("Error in rule "):
+            block, rulers = [], 0
+            for kept in lines[start:start + lines_each]:
+                block.append(kept)
+                rulers += kept.startswith("=" * 20)
+                if rulers == 2:  # the end of the job's log
+                    break
+            reports.append("\n".join(block))
+    return "".join(f"{report}\n[...]\n" for report in reports)
 
 
 RULE_LINE = re.compile(r"^(?P<indent>\s*)(?:local)?rule (?P<rule>\w+):\s*$")
@@ -221,7 +239,7 @@ class SharedRun:
             time.sleep(0.5)
         rc, text = int(self.rc.read_text()), self.log.read_text()
         if rc != 0:
-            raise AssertionError(f"{self.workdir.name} failed (rc {rc}):\n{text[-6000:]}")
+            raise AssertionError(f"{self.workdir.name} failed (rc {rc}):\n{failed_jobs(text)}{text[-6000:]}")
         return self.workdir, subprocess.CompletedProcess(snakemake_command(self.workdir), rc, text, "")
 
     def stop(self) -> None:
